@@ -1,0 +1,69 @@
+"""Every number this project compares against, read from He et al. 2015 (arXiv:1512.03385).
+
+This is the one place paper values live; each carries the table or figure it comes from.
+Errors are percentages; FLOPs are multiply-adds (the paper's convention, and fvcore's).
+"""
+
+# Table 6: CIFAR-10 test error (%) of the ResNets (option A shortcuts).
+TABLE6_TEST_ERROR = {
+    "cifar_resnet20": 8.75,
+    "cifar_resnet32": 7.51,
+    "cifar_resnet44": 7.17,
+    "cifar_resnet56": 6.97,
+    "cifar_resnet110": 6.61,  # mean of 5 runs; the best of the 5 was 6.43
+    "cifar_resnet1202": 7.93,
+}
+# Table 6: ResNet-110 is the one row printed as mean +- std over 5 runs, with the best run beside it.
+TABLE6_RESNET110_STD = 0.16
+TABLE6_RESNET110_BEST = 6.43
+TABLE6_RESNET110_RUNS = 5
+
+# Table 6: parameter counts, printed rounded to 0.01M.
+TABLE6_PARAMS = {
+    "cifar_resnet20": 0.27e6,
+    "cifar_resnet32": 0.46e6,
+    "cifar_resnet44": 0.66e6,
+    "cifar_resnet56": 0.85e6,
+    "cifar_resnet110": 1.7e6,
+    "cifar_resnet1202": 19.4e6,
+}
+
+# Table 2: ImageNet top-1 error (%), 10-crop testing on the validation set, option A shortcuts.
+TABLE2_TOP1_ERROR = {
+    "imagenet_plain18": 27.94,
+    "imagenet_resnet18": 27.88,
+    "imagenet_plain34": 28.54,
+    "imagenet_resnet34": 25.03,
+}
+
+# Table 3: ImageNet 10-crop top-1 / top-5 error (%); used beside Table 2 for the top-5 column.
+TABLE3_TOP1_TOP5_ERROR = {
+    "vgg16": (28.07, 9.33),
+    "imagenet_plain34": (28.54, 10.02),
+    "imagenet_resnet34_A": (25.03, 7.76),
+    "imagenet_resnet34_B": (24.52, 7.46),
+    "imagenet_resnet34_C": (24.19, 7.40),
+    "imagenet_resnet50": (22.85, 6.71),
+    "imagenet_resnet101": (21.75, 6.05),
+    "imagenet_resnet152": (21.43, 5.71),
+}
+
+# Multiply-adds at 224x224 as (value, where the paper prints it). Table 1 gives the ResNets;
+# Section 3.3 gives plain-34 (3.6e9, same as ResNet-34) and VGG-19; Section 4.1 gives VGG-16.
+IMAGENET_FLOPS = {
+    "imagenet_plain34": (3.6e9, "Sec. 3.3"),
+    "imagenet_resnet18": (1.8e9, "Table 1"),
+    "imagenet_resnet34": (3.6e9, "Table 1"),
+    "imagenet_resnet50": (3.8e9, "Table 1"),
+    "imagenet_resnet101": (7.6e9, "Table 1"),
+    "imagenet_resnet152": (11.3e9, "Table 1"),
+    "vgg16": (15.3e9, "Sec. 4.1"),
+    "vgg19": (19.6e9, "Sec. 3.3"),
+}
+
+# Section 4.2 / Table 6: CIFAR-10 networks have depth 6n+2.
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+
+# Section 4.2: the CIFAR-10 schedule, in iterations at batch 128.
+CIFAR_LR_MILESTONES = (32_000, 48_000)
+CIFAR_MAX_ITERS = 64_000

@@ -1,0 +1,143 @@
+"""Architecture facts pinned to the paper (Sec. 3.3, 4.1, 4.2; Tables 1 and 6)."""
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from repro.complexity import count_parameters
+from repro.models import build_model, registered_models, response_layers
+from repro.models.blocks import BasicBlock, Bottleneck, ZeroPadShortcut
+
+# Exact counts for option A (conv weights without bias, BN scale and shift, FC with bias): PAPER.md.
+CIFAR_PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962, 1202: 19_421_274}
+# torchvision's resnet18/34 use projections where dimensions increase: our option B.
+TORCHVISION_PARAMS = {18: 11_689_512, 34: 21_797_672}
+
+
+@pytest.mark.parametrize("depth", CIFAR_PARAMS)
+def test_cifar_parameter_counts_are_exact_and_plain_equals_resnet(depth):
+    assert count_parameters(build_model(f"cifar_resnet{depth}")) == CIFAR_PARAMS[depth]
+    assert count_parameters(build_model(f"cifar_plain{depth}")) == CIFAR_PARAMS[depth]
+
+
+@pytest.mark.parametrize("depth", TORCHVISION_PARAMS)
+def test_imagenet_option_b_matches_torchvision(depth):
+    ours = count_parameters(build_model(f"imagenet_resnet{depth}", shortcut="B"))
+    theirs = count_parameters(getattr(torchvision.models, f"resnet{depth}")())
+    assert ours == theirs == TORCHVISION_PARAMS[depth]
+
+
+def test_v15_bottleneck_matches_torchvision_resnet50_shapes():
+    ours = build_model("imagenet_resnet50", shortcut="B", bottleneck_stride="v1.5")
+    theirs = torchvision.models.resnet50()
+    ours_shapes = sorted(p.shape for p in ours.parameters())
+    assert ours_shapes == sorted(p.shape for p in theirs.parameters())
+    # v1 strides the first 1x1 conv of conv3_1, v1.5 the 3x3
+    v1 = build_model("imagenet_resnet50", shortcut="B", bottleneck_stride="v1").stages[1][0]
+    v15 = ours.stages[1][0]
+    assert (v1.conv1.stride, v1.conv2.stride) == ((2, 2), (1, 1))
+    assert (v15.conv1.stride, v15.conv2.stride) == ((1, 1), (2, 2))
+
+
+@pytest.mark.parametrize("depth", (18, 34, 50, 101, 152))
+def test_option_a_adds_no_parameters_and_b_c_add_exactly_the_projections(depth):
+    plain = count_parameters(build_model(f"imagenet_plain{depth}"))
+    counts = {s: count_parameters(build_model(f"imagenet_resnet{depth}", shortcut=s)) for s in "ABC"}
+    assert counts["A"] == plain
+
+    def projection_params(model):
+        return sum(count_parameters(m.shortcut) for m in model.modules()
+                   if isinstance(m, (BasicBlock, Bottleneck)) and isinstance(m.shortcut, nn.Sequential))
+
+    for option in "BC":
+        model = build_model(f"imagenet_resnet{depth}", shortcut=option)
+        assert counts[option] - plain == projection_params(model) > 0
+    # B projects only where the shape changes (one block per stage at most), C everywhere
+    b = build_model(f"imagenet_resnet{depth}", shortcut="B")
+    c = build_model(f"imagenet_resnet{depth}", shortcut="C")
+    blocks = [m for m in c.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    assert all(isinstance(m.shortcut, nn.Sequential) for m in blocks)
+    projected_b = [m for m in b.modules() if isinstance(m, (BasicBlock, Bottleneck)) and isinstance(m.shortcut, nn.Sequential)]
+    assert len(projected_b) == (3 if depth in (18, 34) else 4)
+
+
+@pytest.mark.parametrize("name", registered_models())
+def test_output_shape_of_every_registered_network(name):
+    if name in ("cifar_plain1202", "cifar_resnet1202"):
+        pytest.skip("covered by the parameter count; a forward pass of 1202 layers is slow on 2 cores")
+    model = build_model(name).eval()
+    side = 32 if name.startswith("cifar") else (224 if name.startswith("vgg") else 64)
+    classes = 10 if name.startswith("cifar") else 1000
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, side, side)).shape == (2, classes)
+
+
+def zero_last_bn_scales(model):
+    for m in model.modules():
+        if isinstance(m, BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+            nn.init.zeros_(m.bn2.bias)
+
+
+def test_plain_means_plain_and_residual_means_relu_of_shortcut():
+    x = torch.randn(4, 16, 8, 8)
+    residual = BasicBlock(16, 32, stride=2, shortcut="A").eval()
+    plain = BasicBlock(16, 32, stride=2, shortcut=None).eval()
+    for block in (residual, plain):
+        zero_last_bn_scales(block)
+    with torch.no_grad():
+        assert torch.equal(residual(x), torch.relu(ZeroPadShortcut(16, 32, 2)(x)))
+        assert torch.equal(plain(x), torch.zeros(4, 32, 4, 4))
+        # the whole CIFAR ResNet with every residual branch silenced passes the stem's output through
+        net = build_model("cifar_resnet20").eval()
+        zero_last_bn_scales(net)
+        stem = torch.relu(net.bn(net.conv(torch.randn(2, 3, 32, 32))))
+        assert torch.equal(net.stages(stem), torch.relu(ZeroPadShortcut(16, 64, 4)(stem)))
+
+
+def test_option_a_shortcut_subsamples_and_zero_pads():
+    x = torch.arange(2 * 4 * 6 * 6, dtype=torch.float32).reshape(2, 4, 6, 6)
+    y = ZeroPadShortcut(4, 8, stride=2)(x)
+    assert y.shape == (2, 8, 3, 3)
+    assert torch.equal(y[:, :4], x[:, :, ::2, ::2])
+    assert torch.equal(y[:, 4:], torch.zeros(2, 4, 3, 3))
+
+
+def test_cifar_layout_is_the_papers():
+    net = build_model("cifar_resnet56")
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 6 * 9  # first layer + 2n per stage; + the FC layer = 6n+2
+    assert {m.out_channels for m in convs} == {16, 32, 64}
+    assert all(m.kernel_size == (3, 3) for m in convs)
+    assert [s[0].conv1.stride for s in net.stages] == [(1, 1), (2, 2), (2, 2)]
+    assert net.fc.out_features == 10
+    assert len(response_layers(net)) == 55  # every 3x3 layer has one response
+
+
+def test_he_initialisation():
+    conv = build_model("cifar_plain56").stages[2][0].conv2  # 64 -> 64, 3x3
+    expected_std = (2 / (3 * 3 * 64)) ** 0.5
+    assert conv.weight.std().item() == pytest.approx(expected_std, rel=0.05)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("cifar_resnet21", "6n+2"),
+    ("cifar_plain4", "6n+2"),
+    ("imagenet_resnet20", "18, 34, 50, 101, 152"),
+    ("resnet56", "valid: cifar_plain20"),
+    ("cifar_resnet", "valid:"),
+])
+def test_bad_names_and_depths_say_what_is_valid(name, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_model(name)
+
+
+def test_bad_shortcut_options_are_rejected():
+    with pytest.raises(ValueError, match="one of A, B, C"):
+        build_model("imagenet_resnet18", shortcut="D")
+    with pytest.raises(ValueError, match="option A"):
+        build_model("cifar_resnet20", shortcut="B")
+    with pytest.raises(ValueError, match="plain net"):
+        build_model("imagenet_plain18", shortcut="C")
