@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from repro.errors import ReproError
 
@@ -22,6 +23,46 @@ def cmd_complexity(args: argparse.Namespace) -> None:
         print(path)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from repro.engine import train
+    from repro.spec import load_spec, merge, parse_overrides
+
+    overrides = parse_overrides(args.set)
+    if args.seed is not None:
+        overrides = merge(overrides, {"seed": args.seed})
+    spec = load_spec(args.spec, overrides)
+    return train(spec, Path(args.results), args.data)
+
+
+def cmd_make_data(args: argparse.Namespace) -> None:
+    if args.dataset == "cifar10":
+        from repro.data.cifar import write_cifar10
+
+        path = write_cifar10(args.out, n_train=args.train or 50_000, n_test=args.test or 10_000, seed=args.seed)
+    else:
+        from repro.data.imagenet import write_imagenet
+
+        path = write_imagenet(args.out, classes=args.classes, n_train=args.train or 100,
+                              n_val=args.val or 20, seed=args.seed)
+    print(path)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if args.target == "cifar":
+        from repro.bench_cifar import CPU_SWITCHES, SWITCHES, bench_cifar, write_bench
+
+        import torch
+
+        switches = tuple(args.switches or (SWITCHES if torch.cuda.is_available() else CPU_SWITCHES))
+        frame = bench_cifar(args.models, switches, device=args.device, steps=args.steps, rounds=args.rounds)
+        print(frame.to_string(index=False))
+        print(write_bench(frame, args.out))
+    else:
+        from repro.bench_imagenet import run_imagenet_data_bench
+
+        print(run_imagenet_data_bench(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -32,14 +73,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("complexity", help="write the params/FLOPs table (CSV, Markdown, LaTeX)")
     p.add_argument("--out", default="results/tables", help="output folder (default: results/tables)")
     p.set_defaults(func=cmd_complexity)
+
+    p = commands.add_parser("train", help="train one run of a spec (resumes an unfinished one)")
+    p.add_argument("spec", help="experiment spec (YAML)")
+    p.add_argument("--seed", type=int, help="seed (overrides the spec's); the run folder is seed<K>")
+    p.add_argument("--data", help="dataset folder (default: the spec's data.root, then $REPRO_DATA)")
+    p.add_argument("--results", default="results", help="results folder (default: results)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key, e.g. --set optim.max_iters=1000 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("make-data", help="write a generated dataset in the real on-disk format")
+    p.add_argument("dataset", choices=("cifar10", "imagenet"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, help="training images (cifar10: 50000; imagenet: per class, 100)")
+    p.add_argument("--test", type=int, help="cifar10 test images (default 10000)")
+    p.add_argument("--val", type=int, help="imagenet validation images per class (default 20)")
+    p.add_argument("--classes", type=int, default=10, help="imagenet classes (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_data)
+
+    p = commands.add_parser("bench", help="measure training or data-loading speed into results/bench/")
+    p.add_argument("target", choices=("cifar", "imagenet-data"))
+    p.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet56", "cifar_resnet110"],
+                   help="cifar: the networks to time")
+    p.add_argument("--switches", nargs="+", choices=("channels_last", "bf16", "compile", "data_on_device"),
+                   help="cifar: switches whose on/off combinations are timed (default: all that apply)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data", help="imagenet-data: an ImageNet root (default: a generated stand-in)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="imagenet-data: worker counts")
+    p.add_argument("--steps", type=int, default=20,
+                   help="iterations per timed round (cifar) or timed batches (imagenet-data)")
+    p.add_argument("--rounds", type=int, default=5, help="cifar: interleaved rounds; the median counts")
+    p.add_argument("--out", default="results/bench")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except ReproError as error:
         print(f"repro {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0

@@ -1,0 +1,103 @@
+"""Several processes (torchrun): who we are, collective sums, and BN statistics across processes."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from repro.errors import ReproError
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (in place, returned for chaining)."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every process when it is True on one (a host sync: call it sparingly)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def init_processes(device_type: str) -> Processes:
+    """Join the process group that torchrun describes in the environment; one process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes()
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend)
+        except Exception as error:  # a rendezvous that fails should say where it tried
+            raise ReproError(f"could not join the process group ({backend} backend, "
+                             f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                             f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {error}") from None
+    return Processes(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+
+
+def close_processes(processes: Processes) -> None:
+    if processes.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class CrossProcessBatchNorm2d(nn.BatchNorm2d):
+    """BN whose training statistics cover the batch of every process, as nn.SyncBatchNorm, which runs
+    on GPUs only: this one sums per-channel moments with an autograd-aware all_reduce, so it also
+    runs on CPUs (gloo). Only for `model.sync_bn`; the paper's BN is per GPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        channels = x.shape[1]
+        count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
+        moments = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
+        moments = dist_fn.all_reduce(moments)
+        n = moments[-1]
+        mean = moments[:channels] / n
+        var = moments[channels:2 * channels] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+
+
+def sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
+    """BN statistics over all processes: nn.SyncBatchNorm on GPUs, CrossProcessBatchNorm2d elsewhere."""
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            replacement = CrossProcessBatchNorm2d(child.num_features, child.eps, child.momentum)
+            replacement.load_state_dict(child.state_dict())
+            setattr(model, name, replacement)
+        else:
+            sync_batchnorm(child, device_type)
+    return model

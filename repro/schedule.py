@@ -1,0 +1,61 @@
+"""The learning rate of Sec. 3.4 and 4.2: warm-up, fixed milestones or drops on a plateau."""
+from __future__ import annotations
+
+from repro.spec import OptimSpec
+
+
+class LearningRate:
+    """The rate for each iteration. Its state is a few numbers, saved in every checkpoint.
+
+    Warm-up (ResNet-110/1202, Sec. 4.2): `warmup_lr` until the running training error over the last
+    `warmup_window` iterations falls below `warmup_until_train_error`; then `lr` and the schedule.
+    Milestones: `lr` divided by 1/`lr_factor` at each milestone iteration (CIFAR: 32k, 48k).
+    Plateau (ImageNet, Sec. 3.4): divided when the validation error has not improved by
+    `plateau_threshold` points for `plateau_patience` epochs.
+    """
+
+    def __init__(self, optim: OptimSpec):
+        self.optim = optim
+        self.warming_up = optim.warmup_lr is not None
+        self.warmup_ended_at: int | None = None
+        self.plateau_drops = 0
+        self.best_error = float("inf")
+        self.epochs_without_improvement = 0
+
+    def at(self, iteration: int) -> float:
+        if self.warming_up:
+            return self.optim.warmup_lr
+        if self.optim.lr_schedule == "milestones":
+            drops = sum(iteration >= m for m in self.optim.lr_milestones)
+        else:
+            drops = self.plateau_drops
+        return self.optim.lr / (1 / self.optim.lr_factor) ** drops  # 0.1 / 10 is exactly 0.01
+
+    def end_warmup_if_trained(self, iteration: int, window_error: float) -> bool:
+        """Called every `warmup_window` iterations while warming up; True when the warm-up ends."""
+        if self.warming_up and window_error < self.optim.warmup_until_train_error:
+            self.warming_up = False
+            self.warmup_ended_at = iteration
+            return True
+        return False
+
+    def observe_validation(self, error: float) -> None:
+        """Called once per epoch with the validation error; drives the plateau schedule."""
+        if self.optim.lr_schedule != "plateau" or self.warming_up:
+            return
+        if error < self.best_error - self.optim.plateau_threshold:
+            self.best_error = error
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+            if self.epochs_without_improvement >= self.optim.plateau_patience:
+                self.plateau_drops += 1
+                self.epochs_without_improvement = 0
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in
+                ("warming_up", "warmup_ended_at", "plateau_drops", "best_error", "epochs_without_improvement")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)

@@ -1,0 +1,219 @@
+"""Experiment specs: YAML files validated at load time into typed, frozen objects.
+
+A spec may name a `base` file (relative to itself) whose keys it overrides, so the recipe of a
+dataset is written once. Every default below is the paper's; each says where it comes from.
+An unknown key, a wrong type or an impossible value is a SpecError naming the file and the key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from repro.errors import SpecError
+from repro.paper import CIFAR_LR_MILESTONES, CIFAR_MAX_ITERS
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    arch: Literal["cifar", "imagenet"] = "cifar"
+    depth: int = 20
+    residual: bool = True  # False gives the plain net: the same layers without shortcuts
+    shortcut: Literal["A", "B", "C"] = "A"  # A: zero-padding identity (Sec. 4.2, Table 2); B/C: Sec. 3.3
+    bottleneck_stride: Literal["v1", "v1.5"] = "v1"  # v1: stride on the first 1x1 conv, as the paper's model
+    sync_bn: bool = False  # the paper's BN statistics are per GPU; True syncs them across processes
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        from repro.models import cifar, imagenet
+
+        if self.arch == "cifar":
+            try:
+                cifar.blocks_per_stage(self.depth)
+            except ValueError as error:
+                raise ValueError(f"depth: {error}") from None
+            if self.shortcut != "A":
+                raise ValueError("shortcut: the paper's CIFAR ResNets use option A (Sec. 4.2)")
+        elif self.depth not in imagenet.STAGES:
+            raise ValueError(f"depth: ImageNet depth must be one of {', '.join(map(str, imagenet.STAGES))} "
+                             f"(Table 1), got {self.depth}")
+        return self
+
+    @property
+    def registry_name(self) -> str:
+        from repro.models import model_name
+
+        return model_name(self.arch, self.depth, self.residual)
+
+    def build(self):
+        """The He-initialised network this section describes."""
+        from repro.models import build_model
+
+        return build_model(self.registry_name, shortcut=self.shortcut if self.residual else None,
+                           bottleneck_stride=self.bottleneck_stride)
+
+
+class DataSpec(_Section):
+    dataset: Literal["cifar10", "imagenet"] = "cifar10"
+    root: Optional[str] = None  # else `--data`, then $REPRO_DATA
+    verify_checksums: bool = True  # CIFAR-10: reject copies that differ from the canonical download
+    download: bool = False  # CIFAR-10: fetch through torchvision when missing (needs network)
+    validation_split: bool = False  # CIFAR-10: train on 45k, test on the 5k held out (Sec. 4.2)
+    workers: int = 8  # ImageNet: data-loader processes per training process
+    mean_sample_size: int = 10_000  # ImageNet: training crops averaged for the per-pixel mean
+    eval_batch_size: int = 500  # images per evaluation step; does not change any result
+
+
+class OptimSpec(_Section):
+    batch_size: int = 128  # images per iteration, all processes together (Sec. 4.2; 256 on ImageNet)
+    lr: float = 0.1  # Sec. 4.2 / 3.4
+    momentum: float = 0.9  # Sec. 3.4
+    weight_decay: float = 1e-4  # Sec. 3.4; applied to every parameter, BN included (the paper is silent)
+    nesterov: bool = False  # the paper uses plain momentum SGD
+    max_iters: int = CIFAR_MAX_ITERS  # 64k on CIFAR (Sec. 4.2), up to 60e4 on ImageNet (Sec. 3.4)
+    lr_schedule: Literal["milestones", "plateau"] = "milestones"
+    lr_milestones: list[int] = list(CIFAR_LR_MILESTONES)  # iterations where lr is divided (Sec. 4.2)
+    lr_factor: float = 0.1  # "divided by 10" (Sec. 3.4, 4.2)
+    plateau_patience: int = 5  # ImageNet: epochs without improvement of the val error before a drop
+    plateau_threshold: float = 0.1  # ImageNet: an improvement smaller than this (percentage points) is none
+    warmup_lr: Optional[float] = None  # ResNet-110/1202: 0.01 until training error < 80% (Sec. 4.2)
+    warmup_until_train_error: float = 80.0  # percent; then lr goes back to `lr` and the schedule
+    warmup_window: int = 50  # iterations whose running training error decides the warm-up's end
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimSpec":
+        if self.batch_size < 1 or self.max_iters < 1:
+            raise ValueError("batch_size and max_iters must be positive")
+        if self.lr <= 0 or (self.warmup_lr is not None and self.warmup_lr <= 0):
+            raise ValueError("learning rates must be positive")
+        if not 0 < self.lr_factor < 1:
+            raise ValueError(f"lr_factor must lie in (0, 1), got {self.lr_factor}")
+        if self.lr_milestones != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
+            raise ValueError(f"lr_milestones must be strictly increasing positive iterations, got {self.lr_milestones}")
+        if self.warmup_window < 1:
+            raise ValueError("warmup_window must be at least 1 iteration")
+        return self
+
+
+class RunSpec(_Section):
+    """Speed switches: none of them changes the recipe."""
+
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+    channels_last: bool = True  # NHWC memory layout, faster convolutions on tensor cores and oneDNN
+    bf16: bool = True  # bf16 autocast for convs/matmuls; BN and the loss stay fp32 (fp16 made plain-56 diverge)
+    compile: bool = True  # torch.compile the training step (CUDA only; ignored on CPU)
+    data_on_device: bool = True  # CIFAR: the whole uint8 dataset on the device, augmented there
+    progress: Literal["auto", "bar", "log"] = "auto"  # a bar on a terminal, log lines otherwise
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunSpec":
+        if self.device not in ("auto", "cpu", "cuda") and not (
+                self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+
+class Spec(_Section):
+    name: str
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    optim: OptimSpec = OptimSpec()
+    run: RunSpec = RunSpec()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "Spec":
+        if not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"name must be letters, digits, '_' or '-' (it names the run folder), got {self.name!r}")
+        expected = {"cifar": "cifar10", "imagenet": "imagenet"}[self.model.arch]
+        if self.data.dataset != expected:
+            raise ValueError(f"model.arch {self.model.arch} needs data.dataset {expected}, got {self.data.dataset}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The spec's mapping with its `base` files merged under it."""
+    if path in chain:
+        raise SpecError(f"{path}: base files form a cycle: {' -> '.join(map(str, chain + (path,)))}")
+    if not path.is_file():
+        raise SpecError(f"{chain[-1] if chain else path}: spec file {path} does not exist")
+    try:
+        mapping = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(mapping, dict):
+        raise SpecError(f"{path}: a spec is a mapping of keys, got {type(mapping).__name__}")
+    base = mapping.pop("base", None)
+    if base is None:
+        return mapping
+    return merge(_read_yaml((path.parent / base).resolve(), chain + (path,)), mapping)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested mappings merge key by key; anything else in `override` replaces the base value."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(assignments: list[str], where: str = "--set") -> dict[str, Any]:
+    """`["optim.lr=0.05", "run.device=cpu"]` -> nested mapping; values are parsed as YAML."""
+    result: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{where}: expected KEY=VALUE, got {assignment!r}")
+        *parents, leaf = key.split(".")
+        node = result
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text) if text else None
+    return result
+
+
+def validate(mapping: dict[str, Any], source: str) -> Spec:
+    """Typed spec from a plain mapping; errors name `source` and the dotted key."""
+    try:
+        return Spec.model_validate(_floats_from_scientific(mapping))
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"])
+            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+            problems.append(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+        raise SpecError("\n".join(problems)) from None
+
+
+def _floats_from_scientific(value: Any) -> Any:
+    """PyYAML reads `1e-4` (no dot) as a string; read it as the number everyone means."""
+    if isinstance(value, dict):
+        return {k: _floats_from_scientific(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats_from_scientific(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return float(value) if "e" in value.lower() and value.strip()[0] in "0123456789+-." else value
+        except ValueError:
+            return value
+    return value
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
+    """Read, merge with its base files and `overrides`, and validate a spec file."""
+    path = Path(path).resolve()
+    mapping = _read_yaml(path)
+    if overrides:
+        mapping = merge(mapping, overrides)
+    return validate(mapping, str(path))

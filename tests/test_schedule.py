@@ -1,0 +1,38 @@
+"""The learning rate of Sec. 4.2 and 3.4, iteration by iteration."""
+from repro.schedule import LearningRate
+from repro.spec import OptimSpec
+
+
+def test_milestones_divide_by_ten_at_32k_and_48k():
+    lr = LearningRate(OptimSpec())
+    assert [lr.at(i) for i in (0, 31_999, 32_000, 47_999, 48_000, 63_999)] == \
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+
+
+def test_warmup_holds_0_01_until_training_error_below_80_then_switches_back():
+    lr = LearningRate(OptimSpec(warmup_lr=0.01))
+    assert lr.at(0) == 0.01
+    assert not lr.end_warmup_if_trained(50, 85.0)
+    assert lr.at(100) == 0.01
+    assert lr.end_warmup_if_trained(400, 79.0)
+    assert lr.warmup_ended_at == 400
+    assert lr.at(401) == 0.1 and lr.at(32_000) == 0.01
+    assert not lr.end_warmup_if_trained(450, 10.0)  # it ends once
+
+
+def test_plateau_drops_after_patience_epochs_without_improvement():
+    lr = LearningRate(OptimSpec(lr_schedule="plateau", plateau_patience=2, plateau_threshold=0.5))
+    for error in (50.0, 40.0, 39.8, 39.7):  # the last two improve by less than the threshold
+        lr.observe_validation(error)
+    assert lr.at(0) == 0.01
+    lr.observe_validation(30.0)
+    assert lr.at(0) == 0.01
+
+
+def test_state_round_trips():
+    lr = LearningRate(OptimSpec(warmup_lr=0.01, lr_schedule="plateau"))
+    lr.end_warmup_if_trained(300, 70.0)
+    lr.observe_validation(40.0)
+    copy = LearningRate(OptimSpec(warmup_lr=0.01, lr_schedule="plateau"))
+    copy.load_state_dict(lr.state_dict())
+    assert copy.state_dict() == lr.state_dict()
