@@ -76,17 +76,18 @@ class CrossProcessBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         channels = x.shape[1]
         count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
-        moments = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
-        moments = dist_fn.all_reduce(moments)
-        n = moments[-1]
-        mean = moments[:channels] / n
-        var = moments[channels:2 * channels] / n - mean * mean
+        totals = dist_fn.all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        centred = x - mean[None, :, None, None]
+        # two passes, as BN computes the variance itself: sums of squares would lose precision
+        var = dist_fn.all_reduce((centred * centred).sum((0, 2, 3))) / n
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
         scale = self.weight * torch.rsqrt(var + self.eps)
-        return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+        return centred * scale[None, :, None, None] + self.bias[None, :, None, None]
 
 
 def sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
