@@ -63,6 +63,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(run_imagenet_data_bench(args))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from repro.reports import make_report
+
+    print(make_report(args.results, args.suite, args.out, smoke=args.smoke))
+
+
+def cmd_responses(args: argparse.Namespace) -> None:
+    from repro.reports.responses import compute_responses
+
+    print(compute_responses(args.results, args.suite, args.data, out_dir=args.out, device=args.device))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="cifar: interleaved rounds; the median counts")
     p.add_argument("--out", default="results/bench")
     p.set_defaults(func=cmd_bench)
+
+    p = commands.add_parser("report", help="figures, tables and REPORT.md from the run folders (never trains)")
+    p.add_argument("--results", default="results", help="results folder holding runs/ (default: results)")
+    p.add_argument("--suite", default="experiments/suite.yaml", help="which runs feed which figure/table")
+    p.add_argument("--out", help="output folder (default: the results folder)")
+    p.add_argument("--smoke", action="store_true", help="expect the smoke suite's seed counts")
+    p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("responses", help="Fig. 7: std of each 3x3 layer's response, from final checkpoints")
+    p.add_argument("--results", default="results")
+    p.add_argument("--suite", default="experiments/suite.yaml")
+    p.add_argument("--data", help="CIFAR-10 folder (default: each run's data.root, then $REPRO_DATA)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--out", help="output folder (default: the results folder)")
+    p.set_defaults(func=cmd_responses)
     return parser
 
 

@@ -126,8 +126,10 @@ class Trainer:
         self.epoch = 0  # index of the epoch in progress
         self.batch = 0  # next batch of that epoch
         self.rows: list[dict] = []
-        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*images, wrong, images
-        self.window_sums = torch.zeros(2, dtype=torch.float64, device=device)  # warm-up: wrong, images
+        self.epoch_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, wrong
+        self.epoch_images = 0  # this process's; counted on the host, which knows every batch size
+        self.window_wrong = torch.zeros(1, dtype=torch.float64, device=device)  # warm-up window
+        self.window_images = 0
         self.epoch_train_seconds = 0.0
         self.wall_seconds = 0.0
 
@@ -139,8 +141,8 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch,
             "rows": self.rows,
-            "epoch_sums": self.processes.sum(self.epoch_sums.clone()).cpu(),
-            "window_sums": self.processes.sum(self.window_sums.clone()).cpu(),
+            "epoch_sums": self.totals(self.epoch_sums, self.epoch_images),
+            "window_sums": self.totals(self.window_wrong, self.window_images),
             "epoch_train_seconds": self.epoch_train_seconds,
             "wall_seconds": self.wall_seconds,
             "rng": rng_states(),
@@ -164,8 +166,12 @@ class Trainer:
         self.iteration, self.epoch, self.batch = state["iteration"], state["epoch"], state["batch"]
         self.rows = state["rows"]
         if self.processes.is_main:  # the saved sums are already totals over processes
-            self.epoch_sums.copy_(state["epoch_sums"])
-            self.window_sums.copy_(state["window_sums"])
+            loss_sum, wrong, images = state["epoch_sums"]
+            self.epoch_sums.copy_(torch.tensor([loss_sum, wrong]))
+            self.epoch_images = int(images)
+            wrong, images = state["window_sums"]
+            self.window_wrong.fill_(wrong)
+            self.window_images = int(images)
             self.folder.write_metrics(self.rows, self.columns)  # drop rows written after the checkpoint
         self.epoch_train_seconds = state["epoch_train_seconds"]
         self.wall_seconds = state["wall_seconds"]
@@ -182,21 +188,27 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        wrong = (logits.argmax(1) != y).sum()
-        self.epoch_sums += torch.stack([loss.detach().double() * len(y), wrong.double(),
-                                        torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+        wrong = (logits.argmax(1) != y).sum().double()
+        self.epoch_sums += torch.stack([loss.detach().double() * len(y), wrong])
+        self.epoch_images += len(y)
         if self.schedule.warming_up:
-            self.window_sums += torch.stack([wrong.double(), torch.tensor(float(len(y)), dtype=torch.float64,
-                                                                          device=self.device)])
+            self.window_wrong += wrong
+            self.window_images += len(y)
         self.iteration += 1
         self.batch += 1
+
+    def totals(self, sums: torch.Tensor, images: int) -> list[float]:
+        """Device sums and the image count, summed over processes: the one host sync of a period."""
+        count = torch.tensor([float(images)], dtype=torch.float64, device=self.device)
+        return self.processes.sum(torch.cat([sums, count])).tolist()
 
     def check_warmup(self) -> None:
         """Sec. 4.2: lr 0.01 until the training error falls below 80%, then back to 0.1."""
         if not self.schedule.warming_up or self.iteration % self.spec.optim.warmup_window:
             return
-        wrong, count = self.processes.sum(self.window_sums.clone()).tolist()
-        self.window_sums.zero_()
+        wrong, count = self.totals(self.window_wrong, self.window_images)
+        self.window_wrong.zero_()
+        self.window_images = 0
         error = error_percent(wrong, count)
         if self.schedule.end_warmup_if_trained(self.iteration, error):
             self.log(f"warm-up ends at iteration {self.iteration}: training error {error:.1f}% "
@@ -204,7 +216,7 @@ class Trainer:
 
     def end_epoch(self) -> dict:
         """Sum the epoch's training statistics, test, and append the epoch's row (its time comes after)."""
-        loss_sum, wrong, count = self.processes.sum(self.epoch_sums.clone()).tolist()
+        loss_sum, wrong, count = self.totals(self.epoch_sums, self.epoch_images)
         train_seconds = self.epoch_train_seconds
         if self.processes.distributed:  # evaluate with rank 0's BN statistics on every process
             for buffer in self.model.buffers():
@@ -223,6 +235,7 @@ class Trainer:
         self.epoch += 1
         self.batch = 0
         self.epoch_sums.zero_()
+        self.epoch_images = 0
         self.epoch_train_seconds = 0.0
         return row
 

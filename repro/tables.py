@@ -44,7 +44,7 @@ def write_table(
         index=False,
         escape=True,
         na_rep="",
-        caption=caption,
+        caption=latex_escape(caption),
         label=f"tab:{stem}",
         position="t",
     )

@@ -1,0 +1,263 @@
+"""The paper's claims, each judged PASS / FAIL / NOT RUN from the runs, and `make_report`, which writes
+the figures, the tables and REPORT.md (claims, figures, tables, and the state of every expected run).
+
+A claim is NOT RUN until every network it names has a finished run; it never passes on part of its
+evidence. Numbers are final-epoch errors (never the best epoch), means over the finished seeds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from repro import paper
+from repro.reports import figures, summaries
+from repro.reports.responses import RESPONSES_CSV, mean_over_seeds, read_responses
+from repro.reports.runs import (
+    Run, SeedStats, Suite, display_name, final_test_error, final_train_error, find_runs,
+    read_suite, seed_stats, stats_over_seeds,
+)
+
+PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT RUN"
+
+# How far a reproduced mean may lie from the paper's number and still count as reproduced, in
+# percentage points of error. Our choices, not the paper's.
+CIFAR_TOLERANCE = 0.3  # the issue's: about 2 std of the paper's ResNet-110 runs (6.61 ± 0.16, Table 6)
+# A judgement call: one run per network (the paper's protocol) and a schedule the paper leaves loose
+# ("divided by 10 when the error plateaus", Sec. 3.4), so the run-to-run spread is unknown; 1 pp is
+# still well below the gaps the ImageNet claims rest on (ResNet-34 25.03 vs ResNet-18 27.88 and
+# plain-34 28.54, Table 2).
+IMAGENET_TOLERANCE = 1.0
+TOLERANCES_TEXT = (f"CIFAR-10 ±{CIFAR_TOLERANCE} pp (about 2 std of the paper's five ResNet-110 runs), "
+                   f"ImageNet ±{IMAGENET_TOLERANCE} pp (one run per network and a loosely specified "
+                   "schedule; still below the 2.9-3.5 pp gaps of Table 2's claims)")
+
+CIFAR_RESNETS = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str  # what the paper says
+    source: str  # where it says it
+    verdict: str  # PASS, FAIL or NOT RUN
+    evidence: str  # the numbers behind the verdict
+
+    def markdown(self) -> str:
+        return f"- **{self.verdict}** {self.text} ({self.source}): {self.evidence}"
+
+
+Evidence = dict[str, SeedStats | None]  # spec name -> its number over seeds, None when not run
+WhyMissing = Callable[[list[str]], str]  # what to say about the networks a claim lacks
+
+
+def _quoted(name: str, stats: SeedStats) -> str:
+    return f"{display_name(name)} {stats.mean:.2f} (n={stats.n})"
+
+
+def runs_missing(runs_by_name: dict[str, list[Run]]) -> WhyMissing:
+    """Each network without a finished run, with the states of its runs."""
+    def why(names: list[str]) -> str:
+        parts = []
+        for name in names:
+            states = pd.Series([r.describe() for r in runs_by_name.get(name, [])], dtype=object)
+            counts = ", ".join(f"{n} {state}" for state, n in states.value_counts(sort=False).items())
+            parts.append(f"{display_name(name)} ({counts or 'not in the suite'})")
+        return "no finished run of " + "; ".join(parts)
+    return why
+
+
+def responses_missing(names: list[str]) -> str:
+    return (f"no responses of {', '.join(map(display_name, names))} in tables/{RESPONSES_CSV}: run "
+            "`repro responses` once their runs have finished")
+
+
+def order_claim(text: str, source: str, names: list[str], evidence: Evidence, why_missing: WhyMissing,
+                *, decreasing: bool) -> Claim:
+    """PASS when the means strictly decrease (or increase) along `names`. The evidence writes the
+    relation that actually holds between each neighbouring pair."""
+    missing = [n for n in names if evidence.get(n) is None]
+    if missing:
+        return Claim(text, source, NOT_RUN, why_missing(missing))
+    holds, line = True, _quoted(names[0], evidence[names[0]])
+    for before, after in zip(names, names[1:]):
+        a, b = evidence[before].mean, evidence[after].mean
+        pair_holds = a > b if decreasing else a < b
+        holds &= pair_holds
+        relation = (">" if pair_holds else "≤") if decreasing else ("<" if pair_holds else "≥")
+        line += f" {relation} {_quoted(after, evidence[after])}"
+    return Claim(text, source, PASS if holds else FAIL, line)
+
+
+def tolerance_claim(name: str, metric: str, source: str, stats: SeedStats | None, paper_value: float,
+                    tolerance: float, why_missing: WhyMissing) -> Claim:
+    text = f"{display_name(name)} {metric} within ±{tolerance} pp of the paper's {paper_value:.2f}"
+    if stats is None:
+        return Claim(text, source, NOT_RUN, why_missing([name]))
+    difference = stats.mean - paper_value
+    spread = "" if math.isnan(stats.std) else f" ± {stats.std:.2f}"
+    line = f"{stats.mean:.2f}{spread} (n={stats.n}, best {stats.best:.2f}), difference {difference:+.2f} pp"
+    return Claim(text, source, PASS if abs(difference) <= tolerance else FAIL, line)
+
+
+def ten_crop_top1_error(run: Run) -> float:
+    return run.final_value("ten_crop_top1_error")
+
+
+def _over_seeds(names: list[str], runs_by_name: dict[str, list[Run]], value: Callable[[Run], float]) -> Evidence:
+    return {n: stats_over_seeds(runs_by_name.get(n, []), value) for n in names}
+
+
+def response_evidence(responses: pd.DataFrame | None) -> Evidence:
+    """Per network: the mean over its layers of the response std, per seed, then over the seeds."""
+    if responses is None or responses.empty:
+        return {}
+    per_seed = responses.groupby(["model", "seed"])["std"].mean()
+    return {model: seed_stats(list(values)) for model, values in per_seed.groupby(level="model")}
+
+
+def evaluate_claims(suite: Suite, runs_by_name: dict[str, list[Run]],
+                    responses: pd.DataFrame | None) -> list[Claim]:
+    """The paper's qualitative claims, then one line per reproduced number against the paper's."""
+    missing = runs_missing(runs_by_name)
+    train = _over_seeds(["cifar_plain20", "cifar_plain56", "imagenet_plain18", "imagenet_plain34"],
+                        runs_by_name, final_train_error)
+    test = _over_seeds(list(paper.TABLE6_TEST_ERROR), runs_by_name, final_test_error)  # every CIFAR ResNet
+    imagenet_names = summaries.imagenet_names(suite, "table2") + summaries.imagenet_names(suite, "table3")
+    top1 = _over_seeds(list(dict.fromkeys(imagenet_names + list(paper.TABLE2_TOP1_ERROR))), runs_by_name,
+                       ten_crop_top1_error)
+    response = response_evidence(responses)
+
+    claims = [
+        order_claim("Deeper plain nets have higher final training error on CIFAR-10",
+                    "Sec. 4.2, Fig. 6 left", ["cifar_plain20", "cifar_plain56"], train, missing, decreasing=False),
+        order_claim("Deeper plain nets have higher final training error on ImageNet",
+                    "Sec. 4.1, Fig. 4 left", ["imagenet_plain18", "imagenet_plain34"], train, missing,
+                    decreasing=False),
+        order_claim("Deeper ResNets have lower test error on CIFAR-10", "Table 6, Fig. 6 middle",
+                    CIFAR_RESNETS, test, missing, decreasing=True),
+        order_claim("Deeper ResNets have lower 10-crop top-1 error on ImageNet", "Table 2, Fig. 4 right",
+                    ["imagenet_resnet18", "imagenet_resnet34"], top1, missing, decreasing=True),
+        order_claim("ResNet-34 beats plain-34 (10-crop top-1 error)", "Table 2",
+                    ["imagenet_plain34", "imagenet_resnet34"], top1, missing, decreasing=True),
+        order_claim("ResNet-1202 overfits: higher test error than ResNet-110", "Sec. 4.2, Table 6",
+                    ["cifar_resnet110", "cifar_resnet1202"], test, missing, decreasing=False),
+        order_claim("Deeper ResNets have smaller layer responses (mean std over layers)", "Fig. 7",
+                    ["cifar_resnet20", "cifar_resnet56", "cifar_resnet110"], response, responses_missing,
+                    decreasing=True),
+        *[order_claim(f"ResNet-{d} has smaller layer responses than plain-{d}", "Fig. 7",
+                      [f"cifar_plain{d}", f"cifar_resnet{d}"], response, responses_missing, decreasing=True)
+          for d in (20, 56)],
+    ]
+    claims += [tolerance_claim(n, "test error", "Table 6", test[n], paper.TABLE6_TEST_ERROR[n], CIFAR_TOLERANCE,
+                               missing)
+               for n in suite.table("table6") if n in paper.TABLE6_TEST_ERROR]
+    for name in dict.fromkeys(imagenet_names):
+        paper_top1, _ = summaries.paper_imagenet_errors(name)
+        if paper_top1 is not None:
+            source = "Table 2" if name in paper.TABLE2_TOP1_ERROR else "Table 3"
+            claims.append(tolerance_claim(name, "10-crop top-1 error", source, top1[name], paper_top1,
+                                          IMAGENET_TOLERANCE, missing))
+    return claims
+
+
+# (stem, title, caption, suite figure keys, figure style) of the training-curve figures.
+ERROR_FIGURES = (
+    ("fig6", "Figure 6", "CIFAR-10 training error (dashed) and test error (bold): plain nets (left), "
+     "ResNets (middle), ResNet-110 and ResNet-1202 (right). Curves: mean over seeds; bands: lowest to "
+     "highest seed.", ("fig6_left", "fig6_middle", "fig6_right"),
+     figures.FIG6),
+    ("fig4", "Figure 4", "ImageNet training error (thin) and center-crop validation error (bold): plain "
+     "nets of 18 and 34 layers (left), ResNets of 18 and 34 layers (right). Curves: mean over seeds; "
+     "bands: lowest to highest seed.", ("fig4_left", "fig4_right"),
+     figures.FIG4),
+)
+FIG7_CAPTION = ("Standard deviation of the layer responses (after BN, before ReLU and addition) on the "
+                "CIFAR-10 test set, averaged over seeds: layers in network order (top) and sorted by magnitude "
+                "(bottom). Plain nets dashed, ResNets solid.")
+
+
+def _figure_section(title: str, caption: str, figure, out: Path, stem: str, not_run: str) -> str:
+    if figure is None:
+        return f"### {title}: NOT RUN\n\n{not_run}\n"
+    png, pdf = figures.save_figure(figure, out / "figures", stem)
+    return (f"### {title}\n\n![{title}](figures/{png.name})\n\n"
+            f"{caption} [PDF](figures/{pdf.name})\n")
+
+
+def _runs_section(suite: Suite, runs_by_name: dict[str, list[Run]]) -> str:
+    runs = [run for name in suite.names() for run in runs_by_name[name]]
+    if not runs:
+        return "The suite lists no runs.\n"
+    counts = pd.Series([r.state for r in runs]).value_counts()
+    frame = pd.DataFrame([{"Run": r.name, "Seed": r.seed, "State": r.describe()} for r in runs])
+    return (", ".join(f"{n} {state}" for state, n in counts.items()) + ".\n\n"
+            + frame.to_markdown(index=False) + "\n")
+
+
+def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/suite.yaml",
+                out_dir: str | Path | None = None, *, smoke: bool = False) -> Path:
+    """`repro report`: figures (<out>/figures), tables (<out>/tables) and <out>/REPORT.md from the run
+    folders under <results_dir>/runs; out_dir defaults to results_dir; `smoke` expects the smoke
+    suite's seed counts. Never trains. Returns the path of REPORT.md."""
+    results = Path(results_dir)
+    out = Path(out_dir) if out_dir is not None else results
+    suite = read_suite(suite_path, smoke=smoke)
+    runs_by_name = find_runs(results, suite)
+    responses = read_responses(results / "tables" / RESPONSES_CSV)
+    claims = evaluate_claims(suite, runs_by_name, responses)
+
+    figure_sections = []
+    for stem, title, caption, keys, style in ERROR_FIGURES:
+        panels = [suite.figure(k) for k in keys]
+        figure = figures.error_figure(panels, runs_by_name, **style)
+        names = ", ".join(display_name(n) for names in panels for n in names)
+        figure_sections.append(_figure_section(title, caption, figure, out, stem,
+                                               f"No finished or running run of {names or 'any network'}."))
+    fig7_names = suite.figure("fig7")
+    fig7 = None if responses is None else figures.response_figure(mean_over_seeds(responses), fig7_names)
+    figure_sections.append(_figure_section("Figure 7", FIG7_CAPTION, fig7, out, "fig7",
+                                           responses_missing(fig7_names)))
+
+    tables = _write_tables(suite, runs_by_name, out / "tables")
+    complexity = results / "tables" / "complexity.md"
+    if complexity.is_file():
+        tables.append(complexity.read_text())
+
+    verdicts = pd.Series([c.verdict for c in claims]).value_counts()
+    tally = ", ".join(f"{verdicts.get(v, 0)} {v}" for v in (PASS, FAIL, NOT_RUN))
+    report = "\n".join([
+        "# Reproduction report: Deep Residual Learning for Image Recognition (He et al. 2015)\n",
+        f"Made by `repro report` from the run folders in `{results}` and the suite `{suite.path}`. "
+        "Errors are final-epoch errors in percent, mean over the finished seeds (n of them); runs that "
+        "diverged or are still going never enter a number.\n",
+        f"Tolerances on the distance to the paper's error (ours, not the paper's): {TOLERANCES_TEXT}.\n",
+        f"## Claims\n\n{tally}.\n",
+        *[c.markdown() for c in claims],
+        "\n## Figures\n",
+        *figure_sections,
+        "## Tables\n",
+        *[t + "\n" for t in tables],
+        "## Runs\n",
+        _runs_section(suite, runs_by_name),
+    ])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "REPORT.md"
+    path.write_text(report)
+    return path
+
+
+def _write_tables(suite: Suite, runs_by_name: dict[str, list[Run]], out: Path) -> list[str]:
+    """Table 6, Table 2 and (when the suite runs its extra networks) Table 3; returns their Markdown."""
+    written = []
+    table6 = suite.table("table6")
+    if table6:
+        frame = summaries.table6_frame(runs_by_name, table6)
+        written.append(summaries.write_table6(frame, out))
+    for stem in ("table2", "table3"):
+        names = summaries.imagenet_names(suite, stem)
+        if names:
+            written.append(summaries.write_imagenet_table(summaries.imagenet_frame(runs_by_name, names), out, stem))
+    return [paths[1].read_text() for paths in written]

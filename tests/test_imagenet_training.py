@@ -1,0 +1,41 @@
+"""An ImageNet run end to end on generated JPEGs: the same engine, run folder and resume, with top-5
+error per epoch and the 10-crop test in final.json."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from repro.data.imagenet import write_imagenet
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ["run.device=cpu", "run.progress=log", "data.workers=1", "data.mean_sample_size=16",
+            "data.eval_batch_size=4", "optim.batch_size=8", "optim.max_iters=6",
+            "optim.lr_schedule=milestones", "optim.lr_milestones=[4]"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_imagenet(tmp_path_factory.mktemp("imagenet"), classes=4, n_train=8, n_val=2, short_side=(240, 300))
+
+
+def test_imagenet_run_writes_top5_and_ten_crop_errors(data, tmp_path):
+    command = [sys.executable, "-m", "repro", "train", str(ROOT / "experiments" / "imagenet" / "resnet18.yaml"),
+               "--data", str(data), "--results", str(tmp_path)]
+    done = subprocess.run(command + [a for s in SETTINGS for a in ("--set", s)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    folder = tmp_path / "runs" / "imagenet_resnet18" / "seed0"
+    frame = pd.read_csv(folder / "metrics.csv")
+    assert "test_top5_error" in frame.columns and frame.iteration.tolist() == [4, 6]  # 32 images / 8
+    assert (frame.test_top5_error <= frame.test_error).all()
+    final = json.loads((folder / "final.json").read_text())
+    assert final["status"] == "finished"
+    for key in ("ten_crop_top1_error", "ten_crop_top5_error", "center_top1_error", "center_top5_error"):
+        assert 0 <= final[key] <= 100
+    assert final["center_top1_error"] == frame.test_error.iloc[-1]
+    # 8 validation images: every error is a multiple of 12.5%
+    assert final["ten_crop_top1_error"] % 12.5 == 0
