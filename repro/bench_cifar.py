@@ -37,7 +37,7 @@ def label(switches: dict[str, bool]) -> str:
 
 
 def bench_cifar(models: list[str], switch_names: tuple[str, ...], device: str = "auto", batch_size: int = 128,
-                warmup_steps: int = 10, steps: int = 20, rounds: int = 5) -> pd.DataFrame:
+                warmup_steps: int = 5, steps: int = 20, rounds: int = 5) -> pd.DataFrame:
     """Training images/s of each (model, switches) candidate, after `warmup_steps`, as the median of
     `rounds` interleaved rounds of `steps` iterations."""
     device = resolve_device(device, 0)

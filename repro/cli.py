@@ -54,7 +54,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         import torch
 
         switches = tuple(args.switches or (SWITCHES if torch.cuda.is_available() else CPU_SWITCHES))
-        frame = bench_cifar(args.models, switches, device=args.device, steps=args.steps, rounds=args.rounds)
+        frame = bench_cifar(args.models, switches, device=args.device, warmup_steps=args.warmup,
+                            steps=args.steps, rounds=args.rounds)
         print(frame.to_string(index=False))
         print(write_bench(frame, args.out))
     else:
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="imagenet-data: worker counts")
     p.add_argument("--steps", type=int, default=20,
                    help="iterations per timed round (cifar) or timed batches (imagenet-data)")
+    p.add_argument("--warmup", type=int, default=5, help="cifar: untimed iterations first (compilation)")
     p.add_argument("--rounds", type=int, default=5, help="cifar: interleaved rounds; the median counts")
     p.add_argument("--out", default="results/bench")
     p.set_defaults(func=cmd_bench)
