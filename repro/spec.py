@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from repro.errors import SpecError
 from repro.paper import CIFAR_LR_MILESTONES, CIFAR_MAX_ITERS
@@ -124,7 +124,7 @@ class Spec(_Section):
     data: DataSpec = DataSpec()
     optim: OptimSpec = OptimSpec()
     run: RunSpec = RunSpec()
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # seeds the He initialisation, the data order and the augmentation
 
     @model_validator(mode="after")
     def _check(self) -> "Spec":

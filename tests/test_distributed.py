@@ -54,14 +54,17 @@ def assert_close_runs(a: Path, b: Path) -> None:
     assert list(rows_a.columns) == list(rows_b.columns) and len(rows_a) == len(rows_b) == 4
     assert rows_a[["epoch", "iteration", "lr"]].equals(rows_b[["epoch", "iteration", "lr"]])
     np.testing.assert_allclose(rows_a[["train_loss", "test_loss"]], rows_b[["train_loss", "test_loss"]], rtol=2e-3)
-    # errors agree to within one image of the 256 training / 64 test images
-    assert (abs(rows_a.train_error - rows_b.train_error) <= 100 / 256).all()
+    # errors agree to within one image (the final partial epoch has 4 x 32 = 128 training images)
+    assert (abs(rows_a.train_error - rows_b.train_error) <= 100 / 128).all()
     assert (abs(rows_a.test_error - rows_b.test_error) <= 100 / 64).all()
     weights_a = load_checkpoint(folder(a) / "checkpoints")["model"]
     weights_b = load_checkpoint(folder(b) / "checkpoints")["model"]
     assert weights_a.keys() == weights_b.keys()
-    for key in weights_a:
-        torch.testing.assert_close(weights_a[key].float(), weights_b[key].float(), rtol=1e-2, atol=2e-3)
+    # float rounding differs between one batch of 32 and two of 16, and 28 SGD steps amplify it a little:
+    # the weights as one vector agree to 0.1%
+    flat_a = torch.cat([v.double().flatten() for v in weights_a.values()])
+    flat_b = torch.cat([weights_b[k].double().flatten() for k in weights_a])
+    assert (flat_a - flat_b).norm() <= 1e-3 * flat_b.norm()
 
 
 @pytest.fixture(scope="module")
