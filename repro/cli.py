@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--out", help="output folder (default: the results folder)")
     p.set_defaults(func=cmd_responses)
+
+    from repro.launch import add_run_all_arguments, run_all
+
+    p = commands.add_parser("run-all", help="train the paper's suite (smoke, local GPUs or Slurm), then report")
+    add_run_all_arguments(p)
+    p.set_defaults(func=run_all)
     return parser
 
 

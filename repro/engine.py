@@ -6,7 +6,6 @@ and exit with EXIT_PREEMPTED. The same command then resumes exactly where the ru
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import sys
@@ -21,7 +20,7 @@ from repro.checkpoint import load_checkpoint, restore_rng_states, rng_states, sa
 from repro.data import build_pipeline
 from repro.distributed import Processes, close_processes, init_processes, sync_batchnorm
 from repro.errors import ReproError
-from repro.run_folder import IMAGENET_METRIC_COLUMNS, METRIC_COLUMNS, RunFolder, run_path
+from repro.run_folder import IMAGENET_METRIC_COLUMNS, METRIC_COLUMNS, RunFolder, refuse_other_recipe, run_path
 from repro.schedule import LearningRate
 from repro.spec import Spec
 
@@ -160,6 +159,7 @@ class Trainer:
         state = load_checkpoint(self.folder.checkpoints, map_location=self.device)
         if state is None:
             return False
+        refuse_other_recipe(state["config"], self.spec, self.folder.checkpoints)  # even without config.yaml
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

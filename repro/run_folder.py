@@ -41,6 +41,19 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def refuse_other_recipe(saved: dict[str, Any], spec: Spec, where: Path) -> None:
+    """ReproError naming every recipe key on which `saved` (a config written by an earlier start)
+    and `spec` differ; keys in RESUMABLE_DIFFERENCES may differ."""
+    saved, wanted = _flatten(saved), _flatten(spec.to_dict())
+    differences = [key for key in sorted(set(saved) | set(wanted))
+                   if saved.get(key) != wanted.get(key)
+                   and not any(key == p or key.startswith(p + ".") for p in RESUMABLE_DIFFERENCES)]
+    if differences:
+        details = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in differences)
+        raise ReproError(f"{where} holds a run of a different recipe ({details}). Give the spec another "
+                         "name, or move that folder away to start over.")
+
+
 def _atomic_write(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
@@ -63,17 +76,8 @@ class RunFolder:
     def check_recipe(self, spec: Spec) -> None:
         """Refuse a spec whose recipe differs from the one this folder was started with: a different
         run must never overwrite or extend this one's results."""
-        resolved = spec.to_dict()
         if self.config.exists():
-            saved = _flatten(yaml.safe_load(self.config.read_text()) or {})
-            wanted = _flatten(resolved)
-            differences = [key for key in sorted(set(saved) | set(wanted))
-                           if saved.get(key) != wanted.get(key)
-                           and not any(key == p or key.startswith(p + ".") for p in RESUMABLE_DIFFERENCES)]
-            if differences:
-                details = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in differences)
-                raise ReproError(f"{self.path} holds a run of a different recipe ({details}). Give the spec "
-                                 "another name, or move that folder away to start over.")
+            refuse_other_recipe(yaml.safe_load(self.config.read_text()) or {}, spec, self.path)
 
     def claim(self, spec: Spec) -> None:
         """Write config.yaml (the resolved spec) for a new or resumed run of the same recipe."""

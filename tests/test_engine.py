@@ -212,3 +212,13 @@ def test_resuming_with_a_different_recipe_is_refused(data, tmp_path):
     process.wait()
     done = train(tmp_path, data, "optim.lr=0.05")
     assert done.returncode == 2 and "optim.lr: 0.1 there, 0.05 now" in done.stderr
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_even_without_config_yaml(data, tmp_path):
+    process = train(tmp_path, data, wait=False)
+    wait_for_rows(tmp_path, process, rows=2)
+    process.kill()
+    process.wait()
+    (run_dir(tmp_path) / "config.yaml").unlink()
+    done = train(tmp_path, data, "optim.max_iters=20")
+    assert done.returncode == 2 and "optim.max_iters: 28 there, 20 now" in done.stderr
