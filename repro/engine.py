@@ -167,7 +167,7 @@ class Trainer:
         self.rows = state["rows"]
         if self.processes.is_main:  # the saved sums are already totals over processes
             loss_sum, wrong, images = state["epoch_sums"]
-            self.epoch_sums.copy_(torch.tensor([loss_sum, wrong]))
+            self.epoch_sums.copy_(torch.tensor([loss_sum, wrong], dtype=torch.float64))
             self.epoch_images = int(images)
             wrong, images = state["window_sums"]
             self.window_wrong.fill_(wrong)

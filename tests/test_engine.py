@@ -106,7 +106,7 @@ def test_rerunning_a_finished_run_does_nothing(reference, data):
 
 def assert_same_run(results: Path, reference: Path) -> None:
     pd.testing.assert_frame_equal(metrics(results).drop(columns=TIME_COLUMNS),
-                                  metrics(reference).drop(columns=TIME_COLUMNS))
+                                  metrics(reference).drop(columns=TIME_COLUMNS), check_exact=True)
     ours, theirs = final_weights(results), final_weights(reference)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 

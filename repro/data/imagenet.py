@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,6 +323,13 @@ class EpochSampler(Sampler):
         return len(self._positions())
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job: workers leave SIGTERM/SIGUSR1/SIGINT to the trainer,
+    which checkpoints at the next step and then shuts them down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, workers: int,
                 pin_memory: bool, persistent_workers: bool) -> DataLoader:
     """A DataLoader over `sampler`; batch_size is this rank's share of the global batch. The
@@ -332,6 +340,7 @@ def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, worker
                          f"{sampler.world_size})")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
+                      worker_init_fn=_ignore_stop_signals,
                       prefetch_factor=PREFETCH_BATCHES if workers > 0 else None, drop_last=False)
 
 

@@ -1,0 +1,262 @@
+"""`repro run-all --slurm`: the suite as Slurm jobs, from job scripts written to <results>/slurm/.
+
+Each dataset's unfinished runs form one job array whose task i trains line i+1 of a runs list: a
+CIFAR-10 run on one GPU, an ImageNet run on `--nodes` x `--gpus-per-node` GPUs through torchrun.
+Every job may be requeued: Slurm sends the batch shell SIGUSR1 120 s before the time limit; the shell
+passes SIGTERM on to the trainer, which saves a checkpoint and exits with 75, and the shell requeues
+the job, whose next start resumes the run. A report job waits for all of them (afterany).
+The scripts stand alone: `sbatch <results>/slurm/cifar10_array.sh` submits one again.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from repro import launch
+from repro.errors import ReproError
+
+ENV_PREFIX = "REPRO_SLURM_"  # every option below also comes from REPRO_SLURM_<OPTION>
+SIGNAL_LEAD_S = 120  # seconds before the time limit when a job is told to checkpoint (which takes seconds)
+GPUS_PER_NODE = 8  # ImageNet: a common GPU node; 256 images per iteration (Sec. 3.4) are 32 per GPU
+CPUS_PER_GPU = 8  # ImageNet: a trainer and its data.workers (8) loaders per GPU; also each CIFAR run's CPUs
+ARRAY_NAMES = {"cifar10": "CIFAR-10", "imagenet": "ImageNet"}
+
+
+def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "--slurm", "Each option also comes from the environment variable named in brackets; the flag wins.")
+
+    def option(flag: str, help: str, **kwargs) -> None:
+        variable = ENV_PREFIX + flag[2:].upper().replace("-", "_")
+        group.add_argument(flag, default=os.environ.get(variable), help=f"{help} [${variable}]", **kwargs)
+
+    option("--partition", "partition (default: the cluster's default)", metavar="P")
+    option("--account", "account to charge", metavar="A")
+    option("--qos", "quality of service", metavar="Q")
+    option("--time", f"time limit of each job, e.g. 24:00:00 (default: the partition's); {SIGNAL_LEAD_S} s "
+                     "before it a run checkpoints and its job requeues itself", metavar="T")
+    option("--mem", "memory per node, e.g. 64G (default: the partition's)", metavar="M")
+    option("--gpus-per-node", f"GPUs of each ImageNet job per node, and 1 for each CIFAR run; 0 runs on CPUs "
+                              f"(default: {GPUS_PER_NODE}, with --smoke 0)", type=_at_least(0), metavar="G")
+    option("--nodes", "nodes of each ImageNet job (default: 1)", type=_at_least(1), metavar="N")
+    option("--cpus-per-task", f"CPUs of each CIFAR run and per GPU of an ImageNet job (default: {CPUS_PER_GPU}, "
+                              "with --smoke 1)", type=_at_least(1), metavar="C")
+    group.add_argument("--sbatch-arg", action="append", metavar="ARG",
+                       default=shlex.split(os.environ.get(ENV_PREFIX + "SBATCH_ARGS", "")),
+                       help="another sbatch option for every job, e.g. --sbatch-arg=--constraint=a100 "
+                            f"(repeatable) [${ENV_PREFIX}SBATCH_ARGS, space-separated]")
+
+
+def _at_least(minimum: int):
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    count.__name__ = "integer"  # argparse's message: "invalid integer value: 'x'"
+    return count
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus_per_node: int
+    nodes: int
+    cpus: int  # per CIFAR run, and per GPU (or per node without GPUs) of an ImageNet job
+    common: list[str]  # options every job gets: partition, account, qos, time, mem, --sbatch-arg
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Resources":
+        common = [f"--{key}={getattr(args, key)}" for key in ("partition", "account", "qos", "time", "mem")
+                  if getattr(args, key)]
+        gpus = args.gpus_per_node if args.gpus_per_node is not None else 0 if args.smoke else GPUS_PER_NODE
+        cpus = args.cpus_per_task or (1 if args.smoke else CPUS_PER_GPU)
+        return cls(gpus, args.nodes or 1, cpus, common + list(args.sbatch_arg))
+
+
+@dataclass(frozen=True)
+class Array:
+    """A dataset's unfinished runs as one job array, and the files it is written to."""
+    dataset: str
+    runs: list[launch.Run]
+    script: Path
+    runs_list: Path
+
+    @property
+    def job_name(self) -> str:
+        return f"repro-{self.dataset}"
+
+    @property
+    def description(self) -> str:
+        return f"{len(self.runs)} {ARRAY_NAMES[self.dataset]} run{'s' * (len(self.runs) > 1)}"
+
+
+def array_script(array: Array, plan: launch.Plan, resources: Resources) -> str:
+    imagenet = array.dataset == "imagenet"
+    gpus = resources.gpus_per_node if imagenet else min(resources.gpus_per_node, 1)
+    directives = [f"--job-name={array.job_name}", f"--array=0-{len(array.runs) - 1}",
+                  f"--nodes={resources.nodes if imagenet else 1}", "--ntasks-per-node=1",
+                  f"--cpus-per-task={resources.cpus * max(gpus, 1) if imagenet else resources.cpus}",
+                  *([f"--gres=gpu:{gpus}"] if gpus else []),
+                  "--requeue", f"--signal=B:USR1@{SIGNAL_LEAD_S}", "--open-mode=append",
+                  f"--output={plan.results / 'slurm' / 'logs' / '%x_%A_%a.out'}", *resources.common]
+    python = shlex.quote(launch.PYTHON)
+    if imagenet:
+        launcher = f"""\
+# One torchrun per node; the rendezvous is on the first node, on a port of this job's own.
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+PORT=$((29500 + SLURM_JOB_ID % 1000))
+TRAIN=(srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1
+       {python} -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc-per-node {max(gpus, 1)}
+       --rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "$SLURM_JOB_ID"
+       -m repro "${{ARGS[@]}}")"""
+    else:
+        launcher = f"""\
+export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
+TRAIN=({python} -m repro "${{ARGS[@]}}")"""
+    return f"""\
+#!/bin/bash
+# The suite's unfinished {ARRAY_NAMES[array.dataset]} runs as one job array, written by `repro run-all --slurm`.
+# Task i trains line i+1 of {array.runs_list.name}: the run's output file, then the arguments of `repro`
+# (tab-separated). Submit again with `sbatch {shlex.quote(str(array.script))}`: finished
+# runs end at once, unfinished ones resume.
+{_directives(directives)}
+set -uo pipefail
+RUNS={shlex.quote(str(array.runs_list))}
+IFS=$'\\t' read -r -a LINE < <(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$RUNS")
+if [ "${{#LINE[@]}}" -lt 2 ]; then echo "no run on line $((SLURM_ARRAY_TASK_ID + 1)) of $RUNS" >&2; exit 2; fi
+LOG=${{LINE[0]}}
+ARGS=("${{LINE[@]:1}}")
+{launcher}
+{TRAINER_BODY}"""
+
+
+def runs_list(runs: list[launch.Run], plan: launch.Plan) -> str:
+    """One run per line: its output file, then the arguments of `repro`, tab-separated."""
+    return "".join("\t".join([str(run.log), *plan.train_arguments(run)]) + "\n" for run in runs)
+
+
+# Runs "${TRAIN[@]}" in the background, so that the shell can take signals while it waits.
+TRAINER_BODY = """\
+mkdir -p "$(dirname "$LOG")"
+RUN="$(basename "$(dirname "$LOG")") $(basename "$LOG" .out)"
+say() { echo "$(date '+%F %T.%3N') job $SLURM_JOB_ID, $RUN: $*" | tee -a "$LOG"; }
+say "start $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname): ${TRAIN[*]}"
+"${TRAIN[@]}" >>"$LOG" 2>&1 &
+TRAINER=$!
+SIGNAL=
+stop() { SIGNAL=$1; kill -TERM "$TRAINER" 2>/dev/null; }  # the trainer checkpoints and exits with 75
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
+while kill -0 "$TRAINER" 2>/dev/null; do wait "$TRAINER"; done  # a signal interrupts `wait`
+wait "$TRAINER"; STATUS=$?
+say "end: exit code $STATUS${SIGNAL:+ after SIG$SIGNAL}"
+# 0 finished and 3 diverged end the job. A checkpointed stop (75, or any end after our USR1: the time
+# limit is near) requeues it, and the next start resumes. After a SIGTERM Slurm is ending the job
+# itself (scancel, preemption, scontrol requeue) and requeues it when it means to.
+if [ "$STATUS" -ne 0 ] && [ "$STATUS" -ne 3 ] && [ "$SIGNAL" != TERM ] && { [ "$STATUS" -eq 75 ] || [ "$SIGNAL" = USR1 ]; }; then
+    say "requeued: the next start resumes from the checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$STATUS"
+"""
+
+
+def report_script(plan: launch.Plan, resources: Resources, path: Path) -> str:
+    directives = ["--job-name=repro-report", "--nodes=1", "--ntasks-per-node=1", f"--cpus-per-task={resources.cpus}",
+                  f"--output={plan.results / 'slurm' / 'logs' / '%x_%j.out'}", *resources.common]
+    steps = "\n".join(f"step {name} {shlex.join([*launch.REPRO, *arguments])}"
+                      for name, arguments in plan.report_arguments())
+    return f"""\
+#!/bin/bash
+# The figures and tables from the run folders, written by `repro run-all --slurm`, which submits it to
+# start once every training job has ended. Submit again with: sbatch {shlex.quote(str(path))}
+{_directives(directives)}
+set -u
+export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
+say() {{ echo "$(date '+%F %T.%3N') job $SLURM_JOB_ID: $*"; }}
+STATUS=0
+step() {{ local name=$1; shift; say "$name: $*"; "$@" || {{ say "$name failed: exit code $?"; STATUS=1; }}; }}
+say "start on $(hostname)"
+{steps}
+say "end: exit code $STATUS"
+exit "$STATUS"
+"""
+
+
+def _directives(options: list[str]) -> str:
+    return "\n".join(f"#SBATCH {option}" for option in options)
+
+
+def arrays(plan: launch.Plan) -> list[Array]:
+    folder = plan.results / "slurm"
+    return [Array(d, plan.pending(d), folder / f"{d}_array.sh", folder / f"{d}_runs.txt")
+            for d in plan.data if plan.pending(d)]
+
+
+def check_sbatch() -> None:
+    if shutil.which("sbatch") is None:
+        raise ReproError("--slurm needs Slurm's sbatch, which is not on PATH here: run on the cluster's login "
+                         "node (or add Slurm's bin folder to PATH); --local and --smoke run on this machine")
+
+
+def check_no_jobs_queued(plan: launch.Plan) -> None:
+    """Refuse to submit while jobs of the same results folder are queued or running: two trainers in one
+    run folder would overwrite each other's checkpoints."""
+    listing = subprocess.run(["squeue", "--noheader", "--user", getpass.getuser(), "--format=%i %o"],
+                             capture_output=True, text=True)
+    ours = str(plan.results / "slurm") + os.sep
+    queued = [line.split()[0] for line in listing.stdout.splitlines() if ours in line]
+    if queued:
+        raise ReproError(f"jobs {', '.join(queued)} of {plan.results} are still queued or running; wait until "
+                         f"they end (squeue -u $USER), or scancel them, before submitting again")
+
+
+def sbatch(*arguments: str) -> str:
+    result = subprocess.run(["sbatch", "--parsable", *arguments], capture_output=True, text=True)
+    if result.returncode:
+        raise ReproError(f"`sbatch {shlex.join(arguments)}` failed (exit code {result.returncode}): "
+                         f"{result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]  # "<id>" or "<id>;<cluster>"
+
+
+def submit_plan(plan: launch.Plan, args: argparse.Namespace) -> int:
+    """Write the job scripts and submit them; with --dry-run, print what would be submitted."""
+    resources = Resources.from_args(args)
+    jobs = arrays(plan)
+    report = plan.results / "slurm" / "report.sh"
+    launch.print_start(plan, args.dry_run)
+    if args.dry_run:
+        for array in jobs:
+            print(f"# sbatch {array.script}: {array.description}")
+            for task, run in enumerate(array.runs):
+                print(f"{array.job_name}[{task}] {run.state():7s} {run.label:28s} "
+                      f"{shlex.join(launch.REPRO + plan.train_arguments(run))}")
+        after = ":".join(f"<{array.job_name}>" for array in jobs)
+        print(f"# sbatch {f'--dependency=afterany:{after} ' if jobs else ''}{report}")
+        for name, arguments in plan.report_arguments():
+            print(f"repro-report {name:24s} {shlex.join(launch.REPRO + arguments)}")
+        return 0
+    check_no_jobs_queued(plan)
+    launch.make_missing_data(plan)
+    logs = plan.results / "slurm" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for array in jobs:
+        array.runs_list.write_text(runs_list(array.runs, plan))
+        array.script.write_text(array_script(array, plan, resources))
+        ids.append(sbatch(str(array.script)))
+        print(f"submitted job array {ids[-1]}: {array.description} ({array.script})")
+    report.write_text(report_script(plan, resources, report))
+    report_id = sbatch(*([f"--dependency=afterany:{':'.join(ids)}"] if ids else []), str(report))
+    after = f", once job{'s' * (len(ids) > 1)} {' and '.join(ids)} ended" if ids else ""
+    print(f"submitted job {report_id}: the reports{after} ({report})")
+    print(f"Slurm's logs are in {logs}, each run's output in {plan.results / 'runs'}/<spec>/seed<K>.out. "
+          "Follow the jobs with `squeue -u $USER`; submitting again later resumes whatever did not finish.")
+    return 0

@@ -1,0 +1,398 @@
+"""`repro run-all`: planning the suite's runs, --dry-run, the Slurm job scripts (and their signal
+handling, run for real in bash), the local pool, and the errors for bad input.
+
+Submission is tested against stand-in `sbatch`/`squeue` scripts here; tests/test_slurm_suite.py runs
+the same path on a real Slurm cluster.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repro import launch, slurm
+from repro.errors import DataError, ReproError, SpecError
+from repro.launch import add_run_all_arguments, make_plan, run_all
+from repro.local import Job, LocalPool, Stage, local_stages, summarize
+from repro.spec import load_spec, parse_overrides
+
+SUITE = Path(__file__).resolve().parents[1] / "experiments" / "suite.yaml"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="repro run-all")
+    add_run_all_arguments(parser)
+    args = parser.parse_args(["--suite", str(SUITE), *argv])
+    args.smoke = args.smoke or not (args.local or args.slurm)  # as run_all does
+    return args
+
+
+def suite_names(extras: bool = False) -> set[str]:
+    suite = yaml.safe_load(SUITE.read_text())
+    listed = [n for group in ("figures", "tables") for names in suite[group].values() for n in names]
+    return set(listed + (suite["extras"] if extras else []))
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    """Folders that pass the data checks (the runs never start in these tests)."""
+    monkeypatch.delenv("REPRO_DATA", raising=False)
+    cifar = tmp_path / "cifar"
+    (cifar / "cifar-10-batches-py").mkdir(parents=True)
+    (cifar / "cifar-10-batches-py" / "data_batch_1").touch()
+    imagenet = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (imagenet / split / "n01440764").mkdir(parents=True)
+        (imagenet / split / "n01440764" / "a.JPEG").touch()
+    return ["--data-cifar", str(cifar), "--data-imagenet", str(imagenet)]
+
+
+def finish(run) -> None:
+    run.folder.mkdir(parents=True)
+    (run.folder / "final.json").write_text(json.dumps({"status": "finished"}))
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+def test_plan_is_every_figure_and_table_spec_with_its_datasets_seed_count(tmp_path, data):
+    plan = make_plan(parse("--slurm", "--results", str(tmp_path / "r"), *data))
+    seeds = yaml.safe_load(SUITE.read_text())["seeds"]
+    assert {run.name for run in plan.runs} == suite_names()
+    for name in suite_names():
+        runs = [run for run in plan.runs if run.name == name]
+        assert sorted(run.seed for run in runs) == list(range(seeds[runs[0].dataset]))
+        assert all(run.folder == tmp_path / "r" / "runs" / name / f"seed{run.seed}" for run in runs)
+        assert load_spec(runs[0].spec_path).name == name
+    datasets = [run.dataset for run in plan.runs]
+    assert datasets == sorted(datasets)  # CIFAR-10 first, then ImageNet
+    assert plan.runs[0].name == "cifar_resnet1202"  # the longest run starts first
+
+
+def test_extras_seeds_and_only_select_runs(tmp_path, data):
+    results = ["--results", str(tmp_path / "r"), *data]
+    assert {run.name for run in make_plan(parse("--slurm", "--extras", *results)).runs} == suite_names(extras=True)
+    plan = make_plan(parse("--slurm", "--seeds", "2", "--only", "cifar_resnet*,imagenet_plain18",
+                           "--only", "cifar_plain20", *results))
+    expected = {n for n in suite_names() if n.startswith("cifar_resnet")} | {"imagenet_plain18", "cifar_plain20"}
+    assert {run.name for run in plan.runs} == expected
+    assert {(run.name, run.seed) for run in plan.runs} == {(n, s) for n in expected for s in (0, 1)}
+
+
+def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path, data, capsys):
+    args = parse("--slurm", "--only", "cifar_resnet20", "--seeds", "3", "--results", str(tmp_path / "r"), *data)
+    first, second, third = make_plan(args).runs
+    finish(first)
+    (second.folder / "checkpoints").mkdir(parents=True)
+    assert [run.state() for run in (first, second, third)] == ["finished", "resume", "start"]
+    assert make_plan(args).pending("cifar10") == [second, third]
+    args.dry_run = True
+    assert run_all(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("skip") and "cifar_resnet20 seed 0" in line for line in lines)
+    assert sum(" train " in line for line in lines) == 2
+
+
+def test_smoke_runs_get_the_suites_overrides_and_generated_data(tmp_path):
+    plan = make_plan(parse("--smoke", "--results", str(tmp_path / "r")))
+    smoke = yaml.safe_load(SUITE.read_text())["smoke"]
+    assert {(run.name, run.seed) for run in plan.runs} == {
+        (name, seed) for name in suite_names()
+        for seed in range(smoke["seeds"]["cifar10" if name.startswith("cifar") else "imagenet"])}
+    for run in plan.runs:
+        arguments = plan.train_arguments(run)
+        assert arguments[arguments.index("--data") + 1] == str(tmp_path / "r" / "data" / run.dataset)
+        sets = [arguments[i + 1] for i, a in enumerate(arguments) if a == "--set"]
+        spec = load_spec(run.spec_path, parse_overrides(sets)).to_dict()  # what `repro train` will train
+        for key, value in {**smoke["overrides"][run.dataset], **smoke["overrides"].get(run.name, {})}.items():
+            section, field = key.split(".")
+            assert spec[section][field] == value, (run.name, key)
+    for dataset, sizes in smoke["data"].items():
+        command = plan.make_data[dataset]
+        assert command[:2] == ["make-data", dataset]
+        assert all(command[command.index(f"--{key}") + 1] == str(value) for key, value in sizes.items())
+
+
+def write_suite(root: Path, suite: dict) -> Path:
+    """A suite file beside two small specs, tiny20 (CIFAR-10) and tiny18 (ImageNet)."""
+    for dataset, name, arch, depth in (("cifar10", "tiny20", "cifar", 20), ("imagenet", "tiny18", "imagenet", 18)):
+        (root / dataset).mkdir(parents=True, exist_ok=True)
+        (root / dataset / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"name": name, "model": {"arch": arch, "depth": depth}, "data": {"dataset": dataset}}))
+    path = root / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
+
+
+def test_smoke_overrides_may_name_a_spec_and_must_name_something(tmp_path):
+    smoke = {"seeds": {"cifar10": 1, "imagenet": 1}, "data": {"cifar10": {"train": 64}},
+             "overrides": {"cifar10": {"run.device": "cpu", "optim.max_iters": 9}, "tiny20": {"optim.max_iters": 3}}}
+    suite = write_suite(tmp_path / "exp", {"seeds": {"cifar10": 1}, "figures": {"f": ["tiny20"]}, "smoke": smoke})
+    args = parse("--smoke", "--results", str(tmp_path / "r"))
+    args.suite = str(suite)
+    plan = make_plan(args)
+    arguments = plan.train_arguments(plan.runs[0])
+    assert arguments[-6:] == ["--set", "run.device=cpu", "--set", "optim.max_iters=9", "--set", "optim.max_iters=3"]
+    smoke["overrides"]["tiny_20"] = {"optim.max_iters": 3}
+    write_suite(tmp_path / "exp", {"seeds": {"cifar10": 1}, "figures": {"f": ["tiny20"]}, "smoke": smoke})
+    with pytest.raises(SpecError, match="tiny_20 is neither a dataset"):
+        make_plan(args)
+
+
+def test_a_suite_name_without_a_spec_is_an_error_naming_it(tmp_path, data):
+    suite = write_suite(tmp_path / "exp", {"seeds": {"cifar10": 1}, "figures": {"f": ["tiny20", "tiny56"]}})
+    args = parse("--slurm", *data)
+    args.suite = str(suite)
+    with pytest.raises(SpecError, match="'tiny56'.*specs there are: tiny18, tiny20"):
+        make_plan(args)
+
+
+# --- dry run and bad input -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [[], ["--slurm", "--smoke"]])
+def test_dry_run_prints_one_line_per_run_and_writes_nothing(tmp_path, capsys, mode):
+    results = tmp_path / "r"
+    assert run_all(parse(*mode, "--dry-run", "--results", str(results))) == 0
+    out = capsys.readouterr().out
+    runs = make_plan(parse("--smoke", "--results", str(results))).runs
+    for run in runs:
+        [line] = [line for line in out.splitlines() if f" {run.label} " in line]
+        assert f"train {run.spec_path} --seed {run.seed} " in line
+    assert "make-data cifar10" in out and "repro report" in out
+    assert not results.exists()
+
+
+def test_repro_run_all_on_the_command_line(tmp_path):
+    if subprocess.run([sys.executable, "-m", "repro", "run-all", "--help"], capture_output=True).returncode:
+        pytest.skip("`repro run-all` is not wired into repro/cli.py yet")
+    results = tmp_path / "r"
+    dry = subprocess.run([sys.executable, "-m", "repro", "run-all", "--dry-run", "--only", "cifar_plain20",
+                          "--results", str(results)], capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count(" train ") == 2 and not results.exists()
+    wrong = subprocess.run([sys.executable, "-m", "repro", "run-all", "--only", "nothing*"], capture_output=True,
+                           text=True)
+    assert wrong.returncode == 2 and "matches no spec" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_local_without_gpus_says_what_to_use_instead(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ReproError, match="--local needs CUDA GPUs.*--smoke.*--slurm"):
+        run_all(parse("--local", "--results", str(tmp_path / "r")))
+
+
+def test_slurm_without_sbatch_stops_before_writing_anything(tmp_path, monkeypatch, data):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ReproError, match="sbatch, which is not on PATH"):
+        run_all(parse("--slurm", "--results", str(tmp_path / "r"), *data))
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_names_the_path_and_how_to_get_it(tmp_path, data, monkeypatch):
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=f"{nowhere / 'cifar-10-batches-py'}.*--data-cifar.*Getting the data"):
+        run_all(parse("--slurm", "--dry-run", "--data-cifar", str(nowhere)))
+    with pytest.raises(DataError, match=f"ImageNet root not found: {nowhere / 'imagenet'}.*REPRO_DATA"):
+        monkeypatch.setenv("REPRO_DATA", str(nowhere))
+        run_all(parse("--slurm", "--dry-run", "--only", "imagenet_*"))
+    monkeypatch.delenv("REPRO_DATA")
+    with pytest.raises(DataError, match="no cifar10 folder: pass --data-cifar DIR or export REPRO_DATA"):
+        run_all(parse("--slurm", "--dry-run"))
+
+
+def test_an_empty_selection_lists_the_names(tmp_path):
+    with pytest.raises(ReproError, match="--only 'cifar_resnt\\*' matches no spec.*cifar_resnet20"):
+        run_all(parse("--dry-run", "--only", "cifar_resnet20,cifar_resnt*"))
+    with pytest.raises(ReproError, match="matches extras: add --extras"):
+        run_all(parse("--dry-run", "--only", "imagenet_resnet50"))
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0"], ["--gpus", "0,x"], ["--gpus", "1,1"], ["--per-gpu", "0"],
+                                  ["--nodes", "0"], ["--cpus-per-task", "-1"], ["--smokey"]])
+def test_bad_flags_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_slurm_options_come_from_the_environment_and_bad_values_are_errors(monkeypatch):
+    monkeypatch.setenv("REPRO_SLURM_PARTITION", "gpu")
+    monkeypatch.setenv("REPRO_SLURM_NODES", "2")
+    monkeypatch.setenv("REPRO_SLURM_SBATCH_ARGS", "--constraint=a100 --exclusive")
+    args = parse("--slurm", "--nodes", "3")
+    assert (args.partition, args.nodes, args.sbatch_arg) == ("gpu", 3, ["--constraint=a100", "--exclusive"])
+    monkeypatch.setenv("REPRO_SLURM_GPUS_PER_NODE", "eight")
+    with pytest.raises(SystemExit):
+        parse("--slurm")
+
+
+# --- Slurm job scripts ---------------------------------------------------------------------------
+
+def stand_ins(folder: Path, queued: str = "") -> Path:
+    """`sbatch` that records its arguments and answers ids 101, 102, ...; `squeue` that lists `queued`."""
+    folder.mkdir()
+    calls = folder / "sbatch.calls"
+    (folder / "sbatch").write_text(
+        f'#!/bin/bash\necho "$*" >> {calls}\necho "$((100 + $(wc -l < {calls})));cluster"\n')
+    (folder / "squeue").write_text(f"#!/bin/bash\nprintf '%s' {queued!r}\n")
+    for name in ("sbatch", "squeue"):
+        (folder / name).chmod(0o755)
+    return calls
+
+
+def test_slurm_writes_resubmittable_scripts_and_submits_arrays_then_the_report(tmp_path, monkeypatch, data, capsys):
+    calls = stand_ins(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    results = tmp_path / "r"
+    args = parse("--slurm", "--only", "cifar_resnet*,imagenet_resnet18", "--seeds", "2", "--results", str(results),
+                 "--partition", "gpu", "--time", "24:00:00", "--gpus-per-node", "4", "--nodes", "2",
+                 "--sbatch-arg=--constraint=a100", *data)
+    plan = make_plan(args)
+    finish(plan.runs[-1])  # imagenet_resnet18 seed 1
+    assert run_all(args) == 0
+    cifar, imagenet, report = (results / "slurm" / f"{name}.sh" for name in ("cifar10_array", "imagenet_array", "report"))
+    assert calls.read_text().splitlines() == [f"--parsable {cifar}", f"--parsable {imagenet}",
+                                             f"--parsable --dependency=afterany:101:102 {report}"]
+    assert "submitted job 103: the reports, once jobs 101 and 102 ended" in capsys.readouterr().out
+    cifar_runs = [r for r in plan.runs if r.dataset == "cifar10"]
+    cifar_lines = (results / "slurm" / "cifar10_runs.txt").read_text().splitlines()
+    assert [line.split("\t") for line in cifar_lines] == [[str(r.log), *plan.train_arguments(r)] for r in cifar_runs]
+    assert len((results / "slurm" / "imagenet_runs.txt").read_text().splitlines()) == 1
+    for script in (cifar, imagenet, report):
+        text = script.read_text()
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        for directive in ("--partition=gpu", "--time=24:00:00", "--constraint=a100"):
+            assert f"#SBATCH {directive}\n" in text
+    for script, size, gres, nodes, cpus in ((cifar, len(cifar_runs), 1, 1, 8), (imagenet, 1, 4, 2, 32)):
+        text = script.read_text()
+        for directive in (f"--array=0-{size - 1}", "--requeue", "--signal=B:USR1@120", f"--gres=gpu:{gres}",
+                          f"--nodes={nodes}", f"--cpus-per-task={cpus}", "--open-mode=append"):
+            assert f"#SBATCH {directive}\n" in text
+        assert "trap 'stop USR1' USR1" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert "--nproc-per-node 4" in imagenet.read_text() and "srun" in imagenet.read_text()
+    assert "--array" not in report.read_text() and "--requeue" not in report.read_text()
+
+
+def test_slurm_refuses_to_submit_while_jobs_of_the_results_folder_are_queued(tmp_path, monkeypatch, data):
+    results = tmp_path / "r"
+    calls = stand_ins(tmp_path / "bin", queued=f"7_[0-9] {results}/slurm/cifar10_array.sh\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(ReproError, match="jobs 7_\\[0-9\\] of .* are still queued or running"):
+        run_all(parse("--slurm", "--only", "cifar_resnet20", "--results", str(results), *data))
+    assert not calls.exists()
+
+
+TRAINER = """#!/bin/bash
+# Stands in for `python -m repro train`: exits with $TRAINER_EXIT, or, when that is "wait", trains
+# until SIGTERM, then "checkpoints" and exits with 75 as the engine does.
+echo "started $*" >> "$EVENTS"
+if [ "$TRAINER_EXIT" != wait ]; then exit "$TRAINER_EXIT"; fi
+trap 'echo "trainer got TERM" >> "$EVENTS"; exit 75' TERM
+sleep 30 & wait
+"""
+
+
+@pytest.mark.parametrize("trainer_exit, signal_to_job, exit_code, requeued", [
+    ("0", None, 0, False),  # finished
+    ("3", None, 3, False),  # diverged: final.json says so, a rerun would change nothing
+    ("1", None, 1, False),  # an error: the job fails, it is not retried
+    ("75", None, 75, True),  # stopped by itself after a checkpoint: resume in a new start
+    ("wait", "USR1", 75, True),  # --signal=B:USR1@120: the time limit is near
+    ("wait", "TERM", 75, False),  # Slurm itself ends the job (scancel, preemption, scontrol requeue)
+])
+def test_array_script_passes_signals_on_and_requeues_checkpointed_runs(
+        tmp_path, monkeypatch, data, trainer_exit, signal_to_job, exit_code, requeued):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "trainer").write_text(TRAINER)
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$EVENTS"\n')
+    for name in ("trainer", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setattr(launch, "PYTHON", str(bin_dir / "trainer"))
+    plan = make_plan(parse("--slurm", "--only", "cifar_resnet20", "--results", str(tmp_path / "r"), *data))
+    [array] = slurm.arrays(plan)
+    array.script.parent.mkdir(parents=True)
+    array.runs_list.write_text(slurm.runs_list(array.runs, plan))
+    array.script.write_text(slurm.array_script(array, plan, slurm.Resources(0, 1, 1, [])))
+    events = tmp_path / "events"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "EVENTS": str(events),
+           "TRAINER_EXIT": trainer_exit, "SLURM_ARRAY_TASK_ID": "2", "SLURM_JOB_ID": "42"}
+    job = subprocess.Popen(["bash", str(array.script)], env=env, stdout=subprocess.PIPE, text=True)
+    if signal_to_job:
+        deadline = time.monotonic() + 10
+        while "started" not in (events.read_text() if events.exists() else ""):
+            assert time.monotonic() < deadline, "the trainer did not start"
+            time.sleep(0.05)
+        time.sleep(0.2)  # the shell is waiting now
+        job.send_signal(getattr(signal, f"SIG{signal_to_job}"))
+    output, _ = job.communicate(timeout=20)
+    assert job.returncode == exit_code, output
+    lines = events.read_text().splitlines()
+    assert lines[0] == f"started -m repro {' '.join(plan.train_arguments(array.runs[2]))}"
+    assert ("trainer got TERM" in lines) == (signal_to_job is not None)
+    assert ("scontrol requeue 42" in lines) == requeued
+    assert f"end: exit code {exit_code}" in array.runs[2].log.read_text()  # the run's output file
+
+
+# --- the local pool ------------------------------------------------------------------------------
+
+def python_job(tmp_path: Path, label: str, code: str) -> Job:
+    return Job(label, [sys.executable, "-c", code], tmp_path / "logs" / f"{label}.out")
+
+
+def test_pool_gives_each_job_a_slot_and_a_failure_does_not_stop_the_others(tmp_path, capsys):
+    show_env = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['OMP_NUM_THREADS'])"
+    jobs = [python_job(tmp_path, f"job{i}", show_env) for i in range(4)]
+    jobs.insert(1, python_job(tmp_path, "broken", "raise SystemExit(1)"))
+    slots = [{"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "3"}, {"CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "3"}]
+    outcomes = LocalPool().run(Stage("test", jobs, slots, "two slots"))
+    assert [o.kind for o in outcomes] == ["done", "failed", "done", "done", "done"]
+    assert {jobs[i].log.read_text() for i in (0, 2, 3, 4)} <= {"0 3\n", "1 3\n"}
+    plan = make_plan(parse("--only", "cifar_resnet20", "--results", str(tmp_path / "r")))
+    assert summarize(plan, outcomes, 1.0) == 1
+    assert f"broken: exit code 1, output in {jobs[1].log}" in capsys.readouterr().out
+
+
+def test_stopping_the_pool_passes_sigterm_on_and_starts_nothing_more(tmp_path, capsys):
+    trainer = ("import signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+               "print('training', flush=True)\n"
+               "time.sleep(30)\n")
+    jobs = [python_job(tmp_path, "trainer", trainer), python_job(tmp_path, "next", "print('ran')")]
+    pool = LocalPool()
+
+    def stop_when_training():
+        while "training" not in (jobs[0].log.read_text() if jobs[0].log.exists() else ""):
+            time.sleep(0.05)
+        pool.stop(signal.SIGTERM, None)
+
+    stopper = threading.Thread(target=stop_when_training)
+    stopper.start()
+    outcomes = pool.run(Stage("test", jobs, [{}], "one slot"))
+    stopper.join()
+    assert [o.kind for o in outcomes] == ["stopped", "not started"]
+    assert not jobs[1].log.exists()
+    plan = make_plan(parse("--only", "cifar_resnet20", "--results", str(tmp_path / "r")))
+    assert summarize(plan, outcomes, 1.0) == 75
+
+
+def test_local_gpu_stages_share_gpus_among_cifar_runs_and_give_imagenet_all_of_them(tmp_path, data):
+    plan = make_plan(parse("--slurm", "--only", "cifar_resnet20,imagenet_resnet18", "--results", str(tmp_path), *data))
+    cifar, imagenet, reports = local_stages(plan, gpus=[2, 5], per_gpu=2)
+    assert [slot["CUDA_VISIBLE_DEVICES"] for slot in cifar.slots] == ["2", "5", "2", "5"]
+    assert [job.run for job in cifar.jobs] == plan.pending("cifar10")
+    assert imagenet.slots == [{"CUDA_VISIBLE_DEVICES": "2,5"}]
+    [job] = imagenet.jobs
+    assert job.command[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "repro"]
+    assert job.command[8:] == plan.train_arguments(job.run)
+    assert [job.label for job in reports.jobs] == ["complexity", "responses", "report"]
