@@ -234,6 +234,9 @@ def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/s
         "Errors are final-epoch errors in percent, mean over the finished seeds (n of them); runs that "
         "diverged or are still going never enter a number.\n",
         f"Tolerances on the distance to the paper's error (ours, not the paper's): {TOLERANCES_TEXT}.\n",
+        *(["**Smoke suite**: every run trained for a few iterations on generated data to show that the "
+            "pipeline works end to end. Its numbers say nothing about the paper; a FAIL here is expected.\n"]
+          if smoke else []),
         f"## Claims\n\n{tally}.\n",
         *[c.markdown() for c in claims],
         "\n## Figures\n",
