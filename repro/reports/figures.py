@@ -88,7 +88,9 @@ def _legend_above(ax, handles: list, labels: list[str]) -> None:
 def _draw_curve(ax, curve: pd.DataFrame, colour: str, linestyle: str, width: float, unit: float) -> None:
     x = curve["iteration"] / unit
     ax.fill_between(x, curve["low"], curve["high"], color=colour, alpha=BAND_ALPHA, linewidth=0)
-    ax.plot(x, curve["mean"], color=colour, linestyle=linestyle, linewidth=width)
+    # a run of one epoch has one point: a marker keeps it visible
+    ax.plot(x, curve["mean"], color=colour, linestyle=linestyle, linewidth=width,
+            marker="o" if len(x) == 1 else None, markersize=3)
 
 
 def error_figure(panels: list[list[str]], runs_by_name: dict[str, list[Run]], *, train_style: str,
