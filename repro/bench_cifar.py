@@ -1,13 +1,14 @@
-"""Training speed of the CIFAR recipe under each combination of speed switches.
+"""Training speed of the CIFAR recipe under each speed switch, against fp32 eager, on this machine.
 
 Each candidate is a real Trainer (the engine's own step, augmentation and data path) on a generated
 dataset. Candidates are timed in interleaved rounds in one process, so that a slow moment of the
-machine hits all of them alike; the median round counts.
+machine hits all of them alike; the median round counts. The table also says which choice `auto`
+makes here (repro/hardware.py), so that a default can be checked against the measurement.
 """
 from __future__ import annotations
 
-import itertools
 import statistics
+from dataclasses import replace
 import tempfile
 import time
 from pathlib import Path
@@ -15,79 +16,91 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from repro.data.cifar import write_cifar10
+from repro.data.generated import write_cifar10
 from repro.distributed import Processes
 from repro.engine import Trainer, resolve_device
+from repro.hardware import Switches, cpu_model, probe, resolve_switches
 from repro.run_folder import RunFolder
-from repro.spec import validate
+from repro.spec import RunSpec, load_spec
 
-SWITCHES = ("channels_last", "bf16", "compile", "data_on_device")
-CPU_SWITCHES = ("channels_last", "bf16")  # compile is CUDA-only here; data is on the CPU anyway
-
-
-def switch_sets(names: tuple[str, ...]) -> list[dict[str, bool]]:
-    """Every on/off combination of the named switches, the other switches off."""
-    return [{switch: dict(zip(names, combo)).get(switch, False) for switch in SWITCHES}
-            for combo in itertools.product((False, True), repeat=len(names))]
+DEFAULT_SPECS = [f"experiments/cifar10/resnet{depth}.yaml" for depth in (20, 56, 110)]
+BASELINE = Switches(precision="fp32", channels_last=False, compile=False, cuda_graphs=False, data_on_device=True)
 
 
-def label(switches: dict[str, bool]) -> str:
-    on = [name for name, value in switches.items() if value]
-    return "+".join(on) if on else "eager_fp32"
+def candidates(cuda: bool) -> dict[str, Switches]:
+    """fp32 eager, each switch alone, and the combinations worth knowing; CUDA-only ones on CUDA."""
+    changes = {"eager_fp32": {}, "channels_last": {"channels_last": True}, "bf16": {"precision": "bf16"},
+               "channels_last+bf16": {"channels_last": True, "precision": "bf16"}}
+    if cuda:
+        changes.update({"compile": {"compile": True}, "cuda_graphs": {"cuda_graphs": True},
+                        "channels_last+cuda_graphs": {"channels_last": True, "cuda_graphs": True},
+                        "channels_last+compile+cuda_graphs": {"channels_last": True, "compile": True,
+                                                              "cuda_graphs": True}})
+    return {name: replace(BASELINE, **change) for name, change in changes.items()}
 
 
-def bench_cifar(models: list[str], switch_names: tuple[str, ...], device: str = "auto", batch_size: int = 128,
-                warmup_steps: int = 5, steps: int = 20, rounds: int = 5) -> pd.DataFrame:
-    """Training images/s of each (model, switches) candidate, after `warmup_steps`, as the median of
+def bench_cifar(spec_paths: list[str], device: str = "auto", batch_size: int = 128, warmup_steps: int = 5,
+                steps: int = 20, rounds: int = 5, only: list[str] | None = None) -> pd.DataFrame:
+    """Training images/s of each (spec, switches) candidate, after `warmup_steps`, as the median of
     `rounds` interleaved rounds of `steps` iterations."""
     device = resolve_device(device, 0)
+    capabilities = probe(device)
+    auto = resolve_switches(RunSpec(), capabilities, "cifar10")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    named = candidates(device.type == "cuda")
+    if only:
+        named = {name: switches for name, switches in named.items() if name in only or name == "eager_fp32"}
     with tempfile.TemporaryDirectory() as scratch:
         data = write_cifar10(Path(scratch) / "data", n_train=batch_size * (warmup_steps + steps), n_test=100)
-        candidates = []
-        for model, switches in itertools.product(models, switch_sets(switch_names)):
-            depth = int(model.removeprefix("cifar_resnet"))
-            spec = validate({"name": "bench", "model": {"depth": depth},
-                             "data": {"root": str(data), "verify_checksums": False},
-                             "optim": {"batch_size": batch_size},
-                             "run": {"device": str(device), "progress": "log", **switches}}, "bench")
-            trainer = Trainer(spec, RunFolder(Path(scratch) / label(switches)), None, Processes(), device)
-            candidates.append((model, switches, trainer))
+        trainers = []
+        for path in spec_paths:
+            for name, switches in named.items():
+                spec = load_spec(path, {"data": {"root": str(data), "verify_checksums": False},
+                                        "optim": {"batch_size": batch_size}, "run": {"device": str(device)}})
+                folder = RunFolder(Path(scratch) / spec.name / name)
+                trainers.append((spec.name, name, switches, Trainer(spec, folder, None, Processes(), device, switches)))
 
         def run_steps(trainer: Trainer, count: int) -> float:
             batches = trainer.pipeline.train_batches(0)
             sync()
             start = time.perf_counter()
             for _, (x, y) in zip(range(count), batches):
-                trainer.train_step(x, y)
+                trainer.step(x, y, 0.1)
             sync()
             return time.perf_counter() - start
 
-        for _, _, trainer in candidates:
-            run_steps(trainer, warmup_steps)  # compilation, autotuning, allocator warm-up
-        seconds = {id(t): [] for _, _, t in candidates}
+        for *_, trainer in trainers:
+            run_steps(trainer, warmup_steps)  # compilation, graph capture, autotuning, allocator warm-up
+        seconds = {id(trainer): [] for *_, trainer in trainers}
         for _ in range(rounds):
-            for _, _, trainer in candidates:
+            for *_, trainer in trainers:
                 seconds[id(trainer)].append(run_steps(trainer, steps))
 
     rows = []
-    for model, switches, trainer in candidates:
+    for spec_name, name, switches, trainer in trainers:
         median = statistics.median(seconds[id(trainer)])
-        rows.append({"model": model, "switches": label(switches), **switches,
+        rows.append({"spec": spec_name, "switches": name, **switches.as_dict(),
                      "images_per_second": batch_size * steps / median,
                      "seconds_per_64k_iterations": median / steps * 64_000,
-                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "threads": torch.get_num_threads(), "batch_size": batch_size,
-                     "steps": steps, "rounds": rounds})
+                     "auto_choice": _matches(switches, auto),
+                     "device_type": device.type,
+                     "device": capabilities.name if device.type == "cuda" else cpu_model(),
+                     "cpu_capability": capabilities.cpu_capability, "native_bf16": capabilities.native_bf16,
+                     "threads": torch.get_num_threads(), "batch_size": batch_size, "steps": steps, "rounds": rounds})
     frame = pd.DataFrame(rows)
-    baseline = frame[frame.switches == "eager_fp32"].set_index("model").images_per_second
-    frame["speedup_vs_eager_fp32"] = frame.images_per_second / frame.model.map(baseline)
+    baseline = frame[frame.switches == "eager_fp32"].set_index("spec").images_per_second
+    frame["speedup_vs_eager_fp32"] = frame.images_per_second / frame.spec.map(baseline)
     return frame
 
 
+def _matches(switches: Switches, auto: Switches) -> bool:
+    """Whether `auto` (with the paper's fp32) resolves to this candidate on this machine."""
+    return switches.as_dict() == {**auto.as_dict(), "data_on_device": True}
+
+
 def write_bench(frame: pd.DataFrame, out_dir: str | Path) -> Path:
-    device = "cpu" if frame.device.iloc[0] == "cpu" else frame.device.iloc[0].lower().replace(" ", "_")
-    out = Path(out_dir) / f"cifar_{device}.csv"
+    cuda = frame.device_type.iloc[0] == "cuda"
+    out = Path(out_dir) / (f"cifar_{frame.device.iloc[0].lower().replace(' ', '_')}.csv" if cuda else "cifar_cpu.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False, float_format="%.4g")
     return out

@@ -1,8 +1,13 @@
 """Training one run with the paper's recipe (Sec. 3.4 and 4.2), resumable at any moment.
 
-Everything is counted in iterations like the paper. Each epoch ends with a test pass, a CSV row, and
-an atomic checkpoint; SIGTERM or SIGUSR1 (how Slurm preempts) checkpoint in the middle of an epoch
-and exit with EXIT_PREEMPTED. The same command then resumes exactly where the run stopped.
+Everything is counted in iterations like the paper: SGD with momentum 0.9 and weight decay 1e-4 on
+mini-batches of a fixed size, the learning rate from its schedule (and the warm-up of ResNet-110),
+a test pass and a CSV row after every epoch, until `max_iters`. Each epoch ends with an atomic
+checkpoint; a stop signal (how Slurm preempts) checkpoints in the middle of an epoch and exits with
+EXIT_PREEMPTED, and the same command then resumes exactly where the run stopped.
+
+The speed switches (layout, compilation, CUDA graphs, precision) are resolved in repro/hardware.py
+and applied around the recipe in `Trainer.__init__`; the loop below does not depend on them.
 """
 from __future__ import annotations
 
@@ -17,15 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from repro.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from repro.contract import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, metric_columns
 from repro.data import build_pipeline
 from repro.distributed import Processes, close_processes, init_processes, sync_batchnorm
 from repro.errors import ReproError
-from repro.run_folder import IMAGENET_METRIC_COLUMNS, METRIC_COLUMNS, RunFolder, refuse_other_recipe, run_path
+from repro.hardware import Switches, probe, resolve_switches
+from repro.run_folder import RunFolder, RunLocked, refuse_other_recipe
 from repro.schedule import LearningRate
 from repro.spec import Spec
 
-EXIT_DIVERGED = 3  # the loss became non-finite: final.json says "diverged"; rerunning does nothing
-EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after a checkpoint (EX_TEMPFAIL): run the command again
 STOP_CHECK_EVERY = 10  # iterations between the cross-process checks for a stop signal (a host sync)
 
 
@@ -44,16 +49,14 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 
 
 class StopSignals:
-    """Remembers a SIGTERM or SIGUSR1 until the training loop can checkpoint at a step boundary."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    """Remembers a stop signal until the training loop can checkpoint at a step boundary."""
 
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
 
     def __enter__(self) -> "StopSignals":
-        for sig in self.SIGNALS:
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -69,42 +72,84 @@ def error_percent(wrong: float, count: float) -> float:
     return 100.0 * wrong / count
 
 
+class DeviceSums:
+    """Sums kept on the device, so that no training step waits for the host, with an image count
+    kept on the host (which knows every batch size). `totals` is the one host sync of a period."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.values = torch.zeros(size, dtype=torch.float64, device=device)
+        self.images = 0
+
+    def add(self, values: torch.Tensor, images: int) -> None:
+        self.values += values
+        self.images += images
+
+    def totals(self, processes: Processes) -> list[float]:
+        """[*sums, images], summed over processes (a collective: every process calls it)."""
+        count = torch.tensor([float(self.images)], dtype=torch.float64, device=self.values.device)
+        return processes.sum(torch.cat([self.values, count])).tolist()
+
+    def restore(self, totals: list[float], is_main: bool) -> None:
+        """Saved totals go to the main process alone, so that the next sum over processes is right."""
+        self.reset()
+        if is_main:
+            self.values.copy_(torch.tensor(totals[:-1], dtype=torch.float64))
+            self.images = int(totals[-1])
+
+    def reset(self) -> None:
+        self.values.zero_()
+        self.images = 0
+
+
+def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, autocast, x: torch.Tensor,
+               y: torch.Tensor) -> torch.Tensor:
+    """One SGD iteration on a mini-batch; returns [summed loss, wrong predictions] on the device."""
+    with autocast:
+        logits = network(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return torch.stack([loss.detach().double() * len(y), (logits.argmax(1) != y).sum().double()])
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, autocast, processes: Processes, device: torch.device) -> dict:
     """Loss and top-1/top-5 error (%) over this process's share of the batches, summed over processes.
     A batch of shape [B, K, 3, H, W] holds K crops per image whose softmax scores are averaged."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 wrong, top-5 wrong, images
+    sums = DeviceSums(3, device)  # loss, top-1 wrong, top-5 wrong
     for x, y in batches:
         crops = x.shape[1] if x.dim() == 5 else 1
         with autocast:
             logits = model(x.flatten(0, 1) if crops > 1 else x).float()
         probabilities = logits.softmax(1).view(len(y), crops, -1).mean(1)
         top5 = probabilities.topk(min(5, probabilities.shape[1]), 1).indices
-        sums += torch.stack([
+        sums.add(torch.stack([
             F.nll_loss(probabilities.clamp_min(1e-12).log(), y, reduction="sum").double(),
             (top5[:, 0] != y).sum().double(),
             (top5 != y[:, None]).all(1).sum().double(),
-            torch.tensor(len(y), dtype=torch.float64, device=device),
-        ])
-    loss, top1, top5, count = processes.sum(sums).tolist()
+        ]), len(y))
+    loss, top1, top5, count = sums.totals(processes)
     model.train()
     return {"loss": loss / count, "error": error_percent(top1, count), "top5_error": error_percent(top5, count)}
 
 
 class Trainer:
-    """One run: the model, SGD with momentum and weight decay, the learning-rate schedule, and the
-    state a checkpoint needs to continue as if nothing happened."""
+    """One run: the network, SGD with momentum and weight decay, the learning-rate schedule, and the
+    state a checkpoint needs to continue as if nothing had happened."""
 
     def __init__(self, spec: Spec, folder: RunFolder, data_root: str | None, processes: Processes,
-                 device: torch.device):
-        self.spec, self.folder, self.processes, self.device = spec, folder, processes, device
-        self.imagenet = spec.data.dataset == "imagenet"
-        self.columns = IMAGENET_METRIC_COLUMNS if self.imagenet else METRIC_COLUMNS
+                 device: torch.device, switches: Switches):
+        self.spec, self.folder, self.processes, self.device, self.switches = spec, folder, processes, device, switches
+        self.columns = metric_columns(spec.data.dataset)
         torch.manual_seed(spec.seed)  # the same He initialisation on every process
-        self.pipeline = build_pipeline(spec, data_root, device, processes)
+        self.pipeline = build_pipeline(spec, data_root, device, processes, switches)
+        for kind in spec.eval.final:
+            if not hasattr(self.pipeline, f"{kind}_batches"):
+                raise ReproError(f"eval.final: {kind} is not available for {spec.data.dataset}")
         model = spec.model.build().to(device)
-        if spec.run.channels_last:
+        if switches.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if processes.distributed and spec.model.sync_bn:
             model = sync_batchnorm(model, device.type)
@@ -112,25 +157,37 @@ class Trainer:
         if processes.distributed:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        if spec.run.compile and device.type == "cuda":
+        if switches.compile:
             model = torch.compile(model)
         self.network = model  # what the training step calls
         optim = spec.optim
+        # Deviation (README): PyTorch's SGD keeps v = m*v + g and steps by lr*v, so a change of lr
+        # rescales the whole momentum at once; the paper's Caffe keeps v = m*v + lr*g, where it fades in.
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
                                          weight_decay=optim.weight_decay, nesterov=optim.nesterov)
         self.schedule = LearningRate(optim)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.run.bf16)
-        # training state; the sums live on the device so that no step waits for the host
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=switches.precision == "bf16",
+                                       cache_enabled=not switches.cuda_graphs)
+        if switches.cuda_graphs:
+            from repro.graphs import GraphedTrainStep
+
+            self.step = GraphedTrainStep(self.network, self.optimizer, self.autocast)
+        else:
+            self.step = self._eager_step
+        # the position in the recipe, and the sums of the epoch in progress
         self.iteration = 0
         self.epoch = 0  # index of the epoch in progress
         self.batch = 0  # next batch of that epoch
         self.rows: list[dict] = []
-        self.epoch_sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, wrong
-        self.epoch_images = 0  # this process's; counted on the host, which knows every batch size
-        self.window_wrong = torch.zeros(1, dtype=torch.float64, device=device)  # warm-up window
-        self.window_images = 0
+        self.epoch_sums = DeviceSums(2, device)  # loss * images, wrong
+        self.window_sums = DeviceSums(1, device)  # wrong, over the warm-up window
         self.epoch_train_seconds = 0.0
         self.wall_seconds = 0.0
+
+    def _eager_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return train_step(self.network, self.optimizer, self.autocast, x, y)
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -140,13 +197,25 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch,
             "rows": self.rows,
-            "epoch_sums": self.totals(self.epoch_sums, self.epoch_images),
-            "window_sums": self.totals(self.window_wrong, self.window_images),
+            "epoch_sums": self.epoch_sums.totals(self.processes),
+            "window_sums": self.window_sums.totals(self.processes),
             "epoch_train_seconds": self.epoch_train_seconds,
             "wall_seconds": self.wall_seconds,
             "rng": rng_states(),
             "config": self.spec.to_dict(),
         }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.iteration, self.epoch, self.batch = state["iteration"], state["epoch"], state["batch"]
+        self.rows = state["rows"]
+        self.epoch_sums.restore(state["epoch_sums"], self.processes.is_main)
+        self.window_sums.restore(state["window_sums"], self.processes.is_main)
+        self.epoch_train_seconds = state["epoch_train_seconds"]
+        self.wall_seconds = state["wall_seconds"]
+        restore_rng_states(state["rng"])
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every process takes part
@@ -155,69 +224,83 @@ class Trainer:
             self.folder.write_metrics(self.rows, self.columns)
         self.processes.barrier()
 
-    def resume(self) -> bool:
-        state = load_checkpoint(self.folder.checkpoints, map_location=self.device)
-        if state is None:
-            return False
-        refuse_other_recipe(state["config"], self.spec, self.folder.checkpoints)  # even without config.yaml
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.iteration, self.epoch, self.batch = state["iteration"], state["epoch"], state["batch"]
-        self.rows = state["rows"]
-        if self.processes.is_main:  # the saved sums are already totals over processes
-            loss_sum, wrong, images = state["epoch_sums"]
-            self.epoch_sums.copy_(torch.tensor([loss_sum, wrong], dtype=torch.float64))
-            self.epoch_images = int(images)
-            wrong, images = state["window_sums"]
-            self.window_wrong.fill_(wrong)
-            self.window_images = int(images)
-            self.folder.write_metrics(self.rows, self.columns)  # drop rows written after the checkpoint
-        self.epoch_train_seconds = state["epoch_train_seconds"]
-        self.wall_seconds = state["wall_seconds"]
-        restore_rng_states(state["rng"])
-        return True
-
     # --- the recipe ----------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule.at(self.iteration)
-        with self.autocast:
-            logits = self.network(x)
-        loss = F.cross_entropy(logits.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        wrong = (logits.argmax(1) != y).sum().double()
-        self.epoch_sums += torch.stack([loss.detach().double() * len(y), wrong])
-        self.epoch_images += len(y)
-        if self.schedule.warming_up:
-            self.window_wrong += wrong
-            self.window_images += len(y)
-        self.iteration += 1
-        self.batch += 1
+    def run(self, stop: StopSignals, progress) -> int:
+        """Epochs of SGD until max_iters, each closed by a test pass, a CSV row and a checkpoint."""
+        if self.should_stop(stop, every_iteration=True):  # a stop during start-up: nothing trained yet
+            self.log(f"stopped by signal {stop.received} before training; run the same command to resume")
+            return EXIT_PREEMPTED
+        # `batch > 0` at max_iters: an epoch left open by an older version's stop on the last step
+        while self.iteration < self.spec.optim.max_iters or self.batch > 0:
+            epoch_start = time.perf_counter()
+            stopped = self.train_one_epoch(stop, progress)
+            if stopped:
+                self.wall_seconds += time.perf_counter() - epoch_start
+                self.save()
+                self.log(f"stopped by signal {stop.received} at iteration {self.iteration}; "
+                         "checkpoint saved, run the same command to resume")
+                return EXIT_PREEMPTED
+            row = self.end_epoch()
+            row["epoch_seconds"] = time.perf_counter() - epoch_start
+            self.wall_seconds += row["epoch_seconds"]
+            self.save()
+            self.log_epoch(row)
+            if not math.isfinite(row["train_loss"]):
+                self.finish("diverged")
+                self.log("the training loss is not finite: the run diverged (final.json says so)")
+                return EXIT_DIVERGED
+            if self.iteration < self.spec.optim.max_iters and self.should_stop(stop, every_iteration=True):
+                self.log(f"stopped by signal {stop.received} after epoch {row['epoch']}; run the same "
+                         "command to resume")
+                return EXIT_PREEMPTED
+        self.finish("finished")
+        return EXIT_OK
 
-    def totals(self, sums: torch.Tensor, images: int) -> list[float]:
-        """Device sums and the image count, summed over processes: the one host sync of a period."""
-        count = torch.tensor([float(images)], dtype=torch.float64, device=self.device)
-        return self.processes.sum(torch.cat([sums, count])).tolist()
+    def train_one_epoch(self, stop: StopSignals, progress) -> bool:
+        """SGD steps from the epoch's next batch to its end or to max_iters; True when a stop signal
+        interrupted it (the epoch stays open in the checkpoint)."""
+        max_iters = self.spec.optim.max_iters
+        start = time.perf_counter()
+        try:
+            for x, y in progress(self.pipeline.train_batches(self.epoch, self.batch), self.epoch):
+                if self.iteration >= max_iters:
+                    break
+                stats = self.step(x, y, self.schedule.at(self.iteration))
+                self.epoch_sums.add(stats, len(y))
+                if self.schedule.warming_up:
+                    self.window_sums.add(stats[1:], len(y))
+                self.iteration += 1
+                self.batch += 1
+                self.check_warmup()
+                # the last iteration closes its epoch first: a stop there would leave it open
+                if self.iteration < max_iters and self.should_stop(stop):
+                    return True
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return False
+        finally:
+            self.epoch_train_seconds += time.perf_counter() - start
 
     def check_warmup(self) -> None:
-        """Sec. 4.2: lr 0.01 until the training error falls below 80%, then back to 0.1."""
-        if not self.schedule.warming_up or self.iteration % self.spec.optim.warmup_window:
+        """Sec. 4.2: lr 0.01 until the training error falls below 80%, then back to 0.1; at the latest
+        at `warmup_max_iters` (our cap, logged and recorded in final.json)."""
+        optim = self.spec.optim
+        if not self.schedule.warming_up or (self.iteration % optim.warmup_window
+                                            and self.iteration < optim.warmup_max_iters):
             return
-        wrong, count = self.totals(self.window_wrong, self.window_images)
-        self.window_wrong.zero_()
-        self.window_images = 0
+        wrong, count = self.window_sums.totals(self.processes)
+        self.window_sums.reset()
         error = error_percent(wrong, count)
         if self.schedule.end_warmup_if_trained(self.iteration, error):
-            self.log(f"warm-up ends at iteration {self.iteration}: training error {error:.1f}% "
-                     f"< {self.spec.optim.warmup_until_train_error}%; lr back to {self.spec.optim.lr}")
+            reason = (f"it reached its cap of {optim.warmup_max_iters} iterations with training error {error:.1f}%"
+                      if self.schedule.warmup_capped else
+                      f"training error {error:.1f}% < {optim.warmup_until_train_error}%")
+            self.log(f"warm-up ends at iteration {self.iteration}: {reason}; lr back to the schedule "
+                     f"({self.schedule.at(self.iteration):g})")
 
     def end_epoch(self) -> dict:
         """Sum the epoch's training statistics, test, and append the epoch's row (its time comes after)."""
-        loss_sum, wrong, count = self.totals(self.epoch_sums, self.epoch_images)
-        train_seconds = self.epoch_train_seconds
+        loss_sum, wrong, count = self.epoch_sums.totals(self.processes)
         if self.processes.distributed:  # evaluate with rank 0's BN statistics on every process
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, 0)
@@ -225,85 +308,49 @@ class Trainer:
         self.schedule.observe_validation(test["error"])
         row = {
             "epoch": self.epoch + 1, "iteration": self.iteration, "lr": self.schedule.at(self.iteration - 1),
+            "train_images": int(count), "partial": int(self.batch < self.pipeline.batches_per_epoch),
             "train_loss": loss_sum / count, "train_error": error_percent(wrong, count),
             "test_loss": test["loss"], "test_error": test["error"],
-            "epoch_seconds": None, "images_per_second": count / max(train_seconds, 1e-9),
+            "epoch_seconds": None, "images_per_second": count / max(self.epoch_train_seconds, 1e-9),
         }
-        if self.imagenet:
+        if "test_top5_error" in self.columns:
             row["test_top5_error"] = test["top5_error"]
         self.rows.append(row)
         self.epoch += 1
         self.batch = 0
-        self.epoch_sums.zero_()
-        self.epoch_images = 0
+        self.epoch_sums.reset()
         self.epoch_train_seconds = 0.0
         return row
 
-    def run(self, stop: StopSignals, progress) -> int:
-        optim = self.spec.optim
-        while self.iteration < optim.max_iters:
-            epoch_start = time.perf_counter()
-            train_start = epoch_start
-            for x, y in progress(self.pipeline.train_batches(self.epoch, self.batch), self.epoch):
-                self.train_step(x, y)
-                self.check_warmup()
-                if self.should_stop(stop):
-                    self.epoch_train_seconds += time.perf_counter() - train_start
-                    self.wall_seconds += time.perf_counter() - epoch_start
-                    self.save()
-                    self.log(f"stopped by signal {stop.received} at iteration {self.iteration}; "
-                             "checkpoint saved, run the same command to resume")
-                    return EXIT_PREEMPTED
-                if self.iteration >= optim.max_iters:
-                    break
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.epoch_train_seconds += time.perf_counter() - train_start
-            row = self.end_epoch()
-            epoch_seconds = time.perf_counter() - epoch_start
-            row["epoch_seconds"] = epoch_seconds
-            self.wall_seconds += epoch_seconds
-            self.save()
-            self.log(f"epoch {row['epoch']} iter {row['iteration']}/{optim.max_iters} lr {row['lr']:.4g} "
-                     f"train loss {row['train_loss']:.4f} err {row['train_error']:.2f}% | test loss "
-                     f"{row['test_loss']:.4f} err {row['test_error']:.2f}% | {row['images_per_second']:.0f} img/s")
-            if not math.isfinite(row["train_loss"]):
-                self.finish("diverged")
-                self.log("the training loss is not finite: the run diverged (final.json says so)")
-                return EXIT_DIVERGED
-        self.finish("finished")
-        return 0
-
-    def should_stop(self, stop: StopSignals) -> bool:
+    def should_stop(self, stop: StopSignals, every_iteration: bool = False) -> bool:
         if not self.processes.distributed:
             return stop.received is not None
-        if self.iteration % STOP_CHECK_EVERY:
+        if self.iteration % STOP_CHECK_EVERY and not every_iteration:
             return False
         return self.processes.any(stop.received is not None, self.device)
 
     def finish(self, status: str) -> None:
-        errors = [row["test_error"] for row in self.rows]
-        best = min(range(len(errors)), key=lambda i: errors[i] if math.isfinite(errors[i]) else math.inf)
-        summary = {
-            "status": status,
-            "final_test_error": errors[-1],
-            "best_test_error": errors[best],
-            "best_epoch": self.rows[best]["epoch"],
-            "iterations": self.iteration,
-            "wall_seconds": self.wall_seconds,
-        }
-        if self.imagenet and status == "finished":
-            ten_crop = evaluate(self.model, self.pipeline.ten_crop_batches(), self.autocast, self.processes,
-                                self.device)
-            summary.update({
-                "ten_crop_top1_error": ten_crop["error"], "ten_crop_top5_error": ten_crop["top5_error"],
-                "center_top1_error": self.rows[-1]["test_error"],
-                "center_top5_error": self.rows[-1]["test_top5_error"],
-            })
+        last = self.rows[-1]
+        summary = {"status": status, "final_test_error": last["test_error"], "iterations": self.iteration,
+                   "wall_seconds": self.wall_seconds}
+        if self.spec.optim.warmup_lr is not None:
+            summary.update(warmup_ended_at=self.schedule.warmup_ended_at, warmup_capped=self.schedule.warmup_capped)
+        if "test_top5_error" in last:
+            summary.update(center_top1_error=last["test_error"], center_top5_error=last["test_top5_error"])
+        if status == "finished":
+            for kind in self.spec.eval.final:
+                result = evaluate(self.model, getattr(self.pipeline, f"{kind}_batches")(), self.autocast,
+                                  self.processes, self.device)
+                summary.update({f"{kind}_top1_error": result["error"], f"{kind}_top5_error": result["top5_error"]})
         if self.processes.is_main:
             self.folder.write_final(summary)
         self.log(f"{status}: final test error {summary['final_test_error']:.2f}% after "
                  f"{self.iteration} iterations, {self.wall_seconds:.0f} s")
+
+    def log_epoch(self, row: dict) -> None:
+        self.log(f"epoch {row['epoch']} iter {row['iteration']}/{self.spec.optim.max_iters} lr {row['lr']:.4g} "
+                 f"train loss {row['train_loss']:.4f} err {row['train_error']:.2f}% | test loss "
+                 f"{row['test_loss']:.4f} err {row['test_error']:.2f}% | {row['images_per_second']:.0f} img/s")
 
     def log(self, message: str) -> None:
         if self.processes.is_main:
@@ -324,29 +371,89 @@ def progress_display(mode: str, total: int, is_main: bool):
     return wrap
 
 
-def train(spec: Spec, results: Path, data_root: str | None = None) -> int:
-    """Train (or resume, or skip when finished) the run of `spec` under `results`. Returns the exit code."""
-    folder = RunFolder(run_path(results, spec))
-    folder.check_recipe(spec)
-    if folder.finished():
-        print(f"{folder.path} is finished (final.json exists): nothing to do")
-        return 0
-    processes = init_processes("cuda" if spec.run.device != "cpu" and torch.cuda.is_available() else "cpu")
-    try:
-        device = resolve_device(spec.run.device, processes.local_rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        trainer = Trainer(spec, folder, data_root, processes, device)  # writes nothing: bad data stops here
-        if processes.is_main:
-            folder.claim(spec)
+def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool = False) -> int:
+    """Train (or resume, or skip when finished) the run of `spec` under `results`. Returns the exit code.
+
+    Nothing is written before every check has passed: the spec against the folder's recipe, the lock
+    (one process per run), the data, and the checkpoint's recipe."""
+    folder = RunFolder.of(results, spec)
+    with StopSignals() as stop:  # from the first moment: a stop during start-up also exits 75
+        processes = init_processes("cuda" if spec.run.device != "cpu" and torch.cuda.is_available() else "cpu")
+        try:
+            if restart and processes.is_main and (kept := folder.restart()):
+                print(f"kept the earlier run folder as {kept}; starting over")
+            processes.barrier()
+            folder.check_recipe(spec)
+            if folder.finished():
+                print(f"{folder.path} is finished ({folder.final.name} exists): nothing to do")
+                return EXIT_OK
+            device = resolve_device(spec.run.device, processes.local_rank)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            capabilities = probe(device)
+            switches = resolve_switches(spec.run, capabilities, spec.data.dataset, processes.distributed)
+            with _exclusive(folder, processes, device):
+                trainer = Trainer(spec, folder, data_root, processes, device, switches)  # bad data stops here
+                resumed = _resume(trainer, folder, processes)
+                if processes.is_main:
+                    folder.claim(spec)
+                    folder.record_start({"device": str(device), "device_name": capabilities.name,
+                                         "cpu_capability": capabilities.cpu_capability,
+                                         "native_bf16": capabilities.native_bf16,
+                                         "world_size": processes.world_size, "switches": switches.as_dict()})
+                trainer.log(f"{'resuming' if resumed else 'starting'} {spec.name} seed {spec.seed} at iteration "
+                            f"{trainer.iteration} on {device} ({capabilities.name}) x{processes.world_size}: "
+                            f"{switches.describe()}")
+                progress = progress_display(spec.run.progress, trainer.pipeline.batches_per_epoch,
+                                            processes.is_main)
+                return trainer.run(stop, progress)
+        except OSError as error:  # a full or read-only disk: atomic writes left the last good files
+            where = f" {error.filename}" if error.filename else ""
+            raise ReproError(f"I/O error on{where}: {error.strerror or error}. The run folder keeps its last "
+                             "complete checkpoint; fix the cause and run the same command to resume.") from None
+        finally:
+            close_processes(processes)
+
+
+class _exclusive:
+    """The run's lock, held by the main process for the whole run; every process learns whether it
+    was had, so that all of them stop when another run holds it."""
+
+    def __init__(self, folder: RunFolder, processes: Processes, device: torch.device):
+        self.folder, self.processes, self.device, self.held = folder, processes, device, None
+
+    def __enter__(self):
+        error = None
+        if self.processes.is_main:
+            self.held = self.folder.lock()
+            try:
+                self.held.__enter__()
+            except RunLocked as locked:
+                error, self.held = locked, None
+        if self.processes.any(error is not None, self.device) or error:
+            raise error or RunLocked(f"{self.folder.path} is being trained by another process")
+        return self
+
+    def __exit__(self, *exc):
+        if self.held is not None:
+            return self.held.__exit__(*exc)
+        return False
+
+
+def _resume(trainer: Trainer, folder: RunFolder, processes: Processes) -> bool:
+    """Load the newest readable checkpoint (the main process first: it moves damaged files aside)
+    after checking its recipe; False for a fresh start. Results without a checkpoint are an error."""
+    state = None
+    for turn in (True, False):  # the main process, then the others
+        if processes.is_main == turn:
+            state = load_checkpoint(folder.checkpoints, map_location=trainer.device, move_damaged=turn)
         processes.barrier()
-        resumed = trainer.resume()
+    if state is None:
         if processes.is_main:
-            folder.record_start(device, processes.world_size)
-        trainer.log(f"{'resuming' if resumed else 'starting'} {spec.name} seed {spec.seed} at iteration "
-                    f"{trainer.iteration} on {device} x{processes.world_size}")
-        progress = progress_display(spec.run.progress, trainer.pipeline.batches_per_epoch, processes.is_main)
-        with StopSignals() as stop:
-            return trainer.run(stop, progress)
-    finally:
-        close_processes(processes)
+            folder.check_not_damaged(has_checkpoint=False)
+        return False
+    refuse_other_recipe(state["config"], trainer.spec, folder.checkpoints)  # even without config.yaml
+    trainer.load_state_dict(state)
+    if processes.is_main:
+        folder.write_metrics(trainer.rows, trainer.columns)  # drop rows written after the checkpoint
+    return True

@@ -1,34 +1,39 @@
 """A run is a folder: the resolved spec, the environment, the metrics CSV, a log, checkpoints, and
-`final.json` written last. Reports read these folders; nothing here trains."""
+`final.json` written last. One process at a time trains it (an flock held for the process's life and
+released by the OS when it dies). Reports read these folders; nothing here trains."""
 from __future__ import annotations
 
 import csv
+import fcntl
+import io
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from repro.contract import (CHECKPOINTS, CONFIG, ENV, FINAL, LOCK, LOG, METRICS, EXIT_LOCKED, atomic_write,
+                            run_path)
 from repro.errors import ReproError
 from repro.spec import Spec
 
-METRIC_COLUMNS = ["epoch", "iteration", "lr", "train_loss", "train_error", "test_loss", "test_error",
-                  "epoch_seconds", "images_per_second"]
-IMAGENET_METRIC_COLUMNS = METRIC_COLUMNS[:7] + ["test_top5_error"] + METRIC_COLUMNS[7:]
-
 # Keys that may change between a run's starts without changing its result: where the data lies and
 # how fast the hardware goes. Everything else must match the config the folder was started with.
-RESUMABLE_DIFFERENCES = ("run", "data.root", "data.workers", "data.eval_batch_size", "data.download")
+RESUMABLE_DIFFERENCES = ("run", "data.root", "data.workers", "data.eval_batch_size", "data.download",
+                         "data.decode")
 
 
-def run_path(results: Path, spec: Spec) -> Path:
-    return results / "runs" / spec.name / f"seed{spec.seed}"
+class RunLocked(ReproError):
+    """Another live process trains this run."""
+
+    exit_code = EXIT_LOCKED
 
 
 def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -43,8 +48,10 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def refuse_other_recipe(saved: dict[str, Any], spec: Spec, where: Path) -> None:
     """ReproError naming every recipe key on which `saved` (a config written by an earlier start)
-    and `spec` differ; keys in RESUMABLE_DIFFERENCES may differ."""
-    saved, wanted = _flatten(saved), _flatten(spec.to_dict())
+    and `spec` differ; keys in RESUMABLE_DIFFERENCES may differ. A key that an older version of this
+    suite did not write counts as its default value."""
+    defaults = _flatten(Spec(name=spec.name).to_dict())
+    saved, wanted = {**defaults, **_flatten(saved)}, _flatten(spec.to_dict())
     differences = [key for key in sorted(set(saved) | set(wanted))
                    if saved.get(key) != wanted.get(key)
                    and not any(key == p or key.startswith(p + ".") for p in RESUMABLE_DIFFERENCES)]
@@ -54,40 +61,116 @@ def refuse_other_recipe(saved: dict[str, Any], spec: Spec, where: Path) -> None:
                          "name, or move that folder away to start over.")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 class RunFolder:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.config = self.path / "config.yaml"
-        self.env = self.path / "env.json"
-        self.metrics = self.path / "metrics.csv"
-        self.log_file = self.path / "log.txt"
-        self.final = self.path / "final.json"
-        self.checkpoints = self.path / "checkpoints"
+        self.config = self.path / CONFIG
+        self.env = self.path / ENV
+        self.metrics = self.path / METRICS
+        self.log_file = self.path / LOG
+        self.final = self.path / FINAL
+        self.checkpoints = self.path / CHECKPOINTS
+        self.lock_file = self.path / LOCK
+
+    @classmethod
+    def of(cls, results: str | Path, spec: Spec) -> "RunFolder":
+        return cls(run_path(results, spec.name, spec.seed))
 
     def finished(self) -> bool:
         return self.final.exists()
 
+    def saved_config(self) -> dict[str, Any] | None:
+        """config.yaml as written by an earlier start; None when absent or damaged (a damaged one is
+        moved aside by `claim`, and the checkpoint's copy of the config is checked instead)."""
+        if not self.config.exists():
+            return None
+        try:
+            config = yaml.safe_load(self.config.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            config = None
+        if not isinstance(config, dict):
+            print(f"warning: {self.config} is damaged; the recipe is checked against the checkpoint and "
+                  "the file is rewritten", file=sys.stderr)
+            return None
+        return config
+
     def check_recipe(self, spec: Spec) -> None:
         """Refuse a spec whose recipe differs from the one this folder was started with: a different
         run must never overwrite or extend this one's results."""
-        if self.config.exists():
-            refuse_other_recipe(yaml.safe_load(self.config.read_text()) or {}, spec, self.path)
+        saved = self.saved_config()
+        if saved is not None:
+            refuse_other_recipe(saved, spec, self.path)
+
+    @contextmanager
+    def lock(self):
+        """Hold the run's exclusive lock for the block: a second process gets RunLocked, naming the
+        holder, and has written nothing. Folders made only to hold the lock are removed again when
+        the block fails before anything else was written (bad data, say)."""
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.lock_file, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunLocked(f"{self.path} is being trained by another process ({holder}); this one "
+                            "wrote nothing. Wait for it to finish or stop it first.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {platform.node()} pid {os.getpid()}\n")
+        handle.flush()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if not ok and created and [p.name for p in self.path.iterdir()] == [LOCK]:
+                self.lock_file.unlink()
+                for folder in created:
+                    folder.rmdir()
+            handle.close()  # releases the flock; the file stays, naming the last holder
+
+    def check_not_damaged(self, has_checkpoint: bool) -> None:
+        """Results without a checkpoint to continue them are damage, never a fresh start."""
+        if not has_checkpoint and self.metrics.exists() and len(self.read_metrics_lines()) > 1:
+            raise ReproError(f"{self.metrics} has epochs but {self.checkpoints} holds no checkpoint to "
+                             "resume them from: the run folder is damaged. Rerun with --restart to keep "
+                             "this folder under another name and start the run over.")
+
+    def read_metrics_lines(self) -> list[str]:
+        try:
+            return self.metrics.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return []
 
     def claim(self, spec: Spec) -> None:
-        """Write config.yaml (the resolved spec) for a new or resumed run of the same recipe."""
-        self.check_recipe(spec)
-        self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.config, yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        """Write config.yaml (the resolved spec); called once every check has passed."""
+        if self.config.exists() and self.saved_config() is None:
+            self.config.replace(self.config.with_name(f"{CONFIG}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
+        atomic_write(self.config, yaml.safe_dump(spec.to_dict(), sort_keys=False))
 
-    def record_start(self, device: torch.device, world_size: int) -> None:
-        """Append this start's environment to env.json (a resumed run has several)."""
-        starts = json.loads(self.env.read_text())["starts"] if self.env.exists() else []
+    def restart(self) -> Path | None:
+        """Keep this folder under a new name (`seed<K>.restarted-<time>`) so the run starts over."""
+        if not self.path.exists():
+            return None
+        kept = self.path.with_name(f"{self.path.name}.restarted-{time.strftime('%Y%m%d-%H%M%S')}")
+        with self.lock():
+            self.path.rename(kept)
+        return kept
+
+    def record_start(self, entry: dict[str, Any]) -> None:
+        """Append this start's environment to env.json (a resumed run has several). env.json is a log:
+        a damaged one is kept beside it and a new one begun."""
+        starts = []
+        if self.env.exists():
+            try:
+                starts = json.loads(self.env.read_text())["starts"]
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                kept = self.env.with_name(f"{ENV}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+                self.env.replace(kept)
+                print(f"warning: {self.env} was damaged; kept as {kept.name}, a new one begins", file=sys.stderr)
         starts.append({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": sys.argv,
@@ -95,25 +178,22 @@ class RunFolder:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "world_size": world_size,
             "git_commit": _git_commit(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            **entry,
         })
-        _atomic_write(self.env, json.dumps({"starts": starts}, indent=2))
+        atomic_write(self.env, json.dumps({"starts": starts}, indent=2))
 
-    def write_metrics(self, rows: list[dict[str, float]], columns: list[str]) -> None:
+    def write_metrics(self, rows: list[dict[str, float]], columns: tuple[str, ...]) -> None:
         """Rewrite the CSV from the rows the checkpoint holds, so that it never runs ahead of it."""
-        partial = self.metrics.with_name("metrics.csv.partial")
-        with open(partial, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(partial, self.metrics)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics, text.getvalue())
 
     def write_final(self, summary: dict[str, Any]) -> None:
-        _atomic_write(self.final, json.dumps(summary, indent=2))
+        atomic_write(self.final, json.dumps(summary, indent=2), durable=True)
 
     def log(self, message: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"

@@ -1,19 +1,26 @@
-"""The CIFAR speed benchmark runs the engine's own step for every switch combination (no timing is
-asserted: speeds are measured by `repro bench`, not by tests)."""
-from repro.bench_cifar import bench_cifar, switch_sets, write_bench
+"""The CIFAR speed benchmark runs the engine's own step for every candidate on this device and says
+which one `auto` picks (no timing is asserted: speeds are measured by `repro bench`, not by tests)."""
+from pathlib import Path
+
+from repro.bench_cifar import bench_cifar, candidates, write_bench
+
+SPEC = Path(__file__).resolve().parents[1] / "experiments" / "cifar10" / "plain20.yaml"
 
 
-def test_switch_sets_cover_every_combination_of_the_named_switches():
-    sets = switch_sets(("channels_last", "bf16"))
-    assert len(sets) == 4 and {(s["channels_last"], s["bf16"]) for s in sets} == {(False, False), (False, True),
-                                                                                 (True, False), (True, True)}
-    assert not any(s["compile"] or s["data_on_device"] for s in sets)
+def test_candidates_are_fp32_eager_and_each_switch_with_cuda_only_ones_on_cuda():
+    cpu, cuda = candidates(cuda=False), candidates(cuda=True)
+    assert list(cpu) == ["eager_fp32", "channels_last", "bf16", "channels_last+bf16"]
+    assert cpu["eager_fp32"].precision == "fp32" and not cpu["eager_fp32"].channels_last
+    assert cpu["channels_last+bf16"].precision == "bf16" and cpu["channels_last+bf16"].channels_last
+    assert {"compile", "cuda_graphs"} <= set(cuda) and not any(s.cuda_graphs or s.compile for s in cpu.values())
 
 
-def test_bench_writes_one_row_per_model_and_switch_set(tmp_path):
-    frame = bench_cifar(["cifar_resnet8"], ("bf16",), device="cpu", batch_size=16, warmup_steps=1, steps=1, rounds=1)
-    assert frame.switches.tolist() == ["eager_fp32", "bf16"]
+def test_bench_times_a_plain_net_and_marks_the_auto_choice(tmp_path):
+    frame = bench_cifar([str(SPEC)], device="cpu", batch_size=16, warmup_steps=1, steps=1, rounds=1,
+                        only=["bf16"])
+    assert frame.switches.tolist() == ["eager_fp32", "bf16"] and frame.spec.tolist() == ["cifar_plain20"] * 2
     assert (frame.images_per_second > 0).all()
     assert frame.loc[frame.switches == "eager_fp32", "speedup_vs_eager_fp32"].item() == 1.0
+    assert frame.auto_choice.sum() <= 1 and not frame.loc[frame.switches == "bf16", "auto_choice"].item()
     path = write_bench(frame, tmp_path)
-    assert path.name == "cifar_cpu.csv" and path.read_text().startswith("model,switches")
+    assert path.name == "cifar_cpu.csv" and path.read_text().startswith("spec,switches")

@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from repro.checkpoint import LATEST, PREVIOUS, load_checkpoint
-from repro.data.cifar import write_cifar10
-from repro.engine import EXIT_DIVERGED, EXIT_PREEMPTED
+from repro.checkpoint import load_checkpoint
+from repro.contract import EXIT_DIVERGED, EXIT_PREEMPTED, LATEST, PREVIOUS
+from repro.data.generated import write_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "experiments" / "cifar10" / "resnet20.yaml"
@@ -82,18 +82,19 @@ def test_run_folder_holds_spec_env_metrics_checkpoints_and_final(reference):
     config = yaml.safe_load((folder / "config.yaml").read_text())
     assert config["model"]["depth"] == 8 and config["optim"]["max_iters"] == 28
     frame = metrics(reference)
-    assert list(frame.columns) == ["epoch", "iteration", "lr", "train_loss", "train_error", "test_loss",
-                                   "test_error", "epoch_seconds", "images_per_second"]
+    assert list(frame.columns) == ["epoch", "iteration", "lr", "train_images", "partial", "train_loss",
+                                   "train_error", "test_loss", "test_error", "epoch_seconds", "images_per_second"]
     assert frame.epoch.tolist() == [1, 2, 3, 4] and frame.iteration.tolist() == [8, 16, 24, 28]
+    assert frame.train_images.tolist() == [256, 256, 256, 128] and frame.partial.tolist() == [0, 0, 0, 1]
     assert frame.lr.tolist() == [0.1, 0.1, 0.01, 0.001]  # the lr of each epoch's last iteration
     assert frame.train_error.between(0, 100).all() and frame.test_error.between(0, 100).all()
     final = json.loads((folder / "final.json").read_text())
     assert final["status"] == "finished" and final["iterations"] == 28
     assert final["final_test_error"] == frame.test_error.iloc[-1]
-    assert final["best_test_error"] == frame.test_error.min()
-    assert frame.set_index("epoch").test_error[final["best_epoch"]] == final["best_test_error"]
+    assert "best_test_error" not in final  # no epoch is chosen on the test set
     env = json.loads((folder / "env.json").read_text())["starts"]
     assert len(env) == 1 and env[0]["device"] == "cpu" and env[0]["torch"] == torch.__version__
+    assert env[0]["switches"]["precision"] == "fp32"  # the resolved switches of this start
     assert (folder / "checkpoints" / LATEST).exists() and (folder / "checkpoints" / PREVIOUS).exists()
 
 
@@ -222,3 +223,16 @@ def test_a_checkpoint_of_another_recipe_is_refused_even_without_config_yaml(data
     (run_dir(tmp_path) / "config.yaml").unlink()
     done = train(tmp_path, data, "optim.max_iters=20")
     assert done.returncode == 2 and "optim.max_iters: 28 there, 20 now" in done.stderr
+
+
+def test_a_warmup_that_never_reaches_the_threshold_ends_at_its_cap(data, tmp_path):
+    spec = ROOT / "experiments" / "cifar10" / "resnet110.yaml"
+    done = train(tmp_path, data, "optim.warmup_window=4", "optim.warmup_until_train_error=0",
+                 "optim.warmup_max_iters=8", "optim.max_iters=16", spec=spec)
+    assert done.returncode == 0, done.stdout + done.stderr
+    folder = tmp_path / "runs" / "cifar_resnet110" / "seed0"
+    frame = pd.read_csv(folder / "metrics.csv")
+    assert "warm-up ends at iteration 8: it reached its cap of 8 iterations" in done.stdout
+    assert frame.lr.tolist() == [0.01, 0.1]
+    final = json.loads((folder / "final.json").read_text())
+    assert final["warmup_capped"] is True and final["warmup_ended_at"] == 8

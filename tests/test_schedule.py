@@ -36,3 +36,20 @@ def test_state_round_trips():
     copy = LearningRate(OptimSpec(warmup_lr=0.01, lr_schedule="plateau"))
     copy.load_state_dict(lr.state_dict())
     assert copy.state_dict() == lr.state_dict()
+
+
+def test_warmup_never_raises_the_rate_above_the_schedule():
+    lr = LearningRate(OptimSpec(warmup_lr=0.01))
+    assert lr.at(100) == 0.01 and lr.at(48_000) == 0.001  # a milestone reached while still warming up
+
+
+def test_warmup_ends_at_its_cap_when_the_error_never_falls():
+    lr = LearningRate(OptimSpec(warmup_lr=0.01, warmup_max_iters=2000))
+    assert not lr.end_warmup_if_trained(1950, 90.0)
+    assert lr.end_warmup_if_trained(2000, 90.0)
+    assert lr.warmup_capped and lr.warmup_ended_at == 2000 and lr.at(2001) == 0.1
+
+
+def test_a_warmup_ended_by_the_error_is_not_capped():
+    lr = LearningRate(OptimSpec(warmup_lr=0.01, warmup_max_iters=2000))
+    assert lr.end_warmup_if_trained(2000, 50.0) and not lr.warmup_capped

@@ -7,29 +7,24 @@ ImageNet, `ten_crop_batches()`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from repro.contract import DATA_ENV, data_root as data_root_rule
 from repro.distributed import Processes
 from repro.errors import DataError
+from repro.hardware import Switches
 from repro.spec import Spec
 
 
 def resolve_data_root(spec: Spec, data_root: str | None) -> Path:
-    """`--data`, else the spec's `data.root`, else $REPRO_DATA (its `imagenet/` subfolder for ImageNet
-    when there is one)."""
-    if data_root or spec.data.root:
-        return Path(data_root or spec.data.root).expanduser()
-    shared = os.environ.get("REPRO_DATA")
-    if not shared:
+    """`--data`, else the spec's `data.root`, else $REPRO_DATA (contract.data_root)."""
+    root = data_root_rule(spec.data.dataset, data_root or spec.data.root)
+    if root is None:
         raise DataError(f"no data folder for {spec.name}: pass --data DIR, set data.root in the spec, "
-                        "or export REPRO_DATA=DIR")
-    shared_root = Path(shared).expanduser()
-    if spec.data.dataset == "imagenet" and (shared_root / "imagenet").is_dir():
-        return shared_root / "imagenet"
-    return shared_root
+                        f"or export {DATA_ENV}=DIR")
+    return root
 
 
 def _share(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
@@ -41,7 +36,7 @@ def _share(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
 
 
 class CifarPipeline:
-    def __init__(self, spec: Spec, root: Path, device: torch.device, processes: Processes):
+    def __init__(self, spec: Spec, root: Path, device: torch.device, processes: Processes, switches: Switches):
         from repro.data.cifar import CifarBatches, load_cifar10, pixel_mean, split_validation
 
         if spec.optim.batch_size % processes.world_size:
@@ -51,9 +46,9 @@ class CifarPipeline:
         if spec.data.validation_split:
             arrays = split_validation(arrays)
         mean = pixel_mean(arrays.train_images)
-        storage = device if spec.run.data_on_device else torch.device("cpu")
+        storage = device if switches.data_on_device else torch.device("cpu")
         self.device, self.processes = device, processes
-        layout = {"channels_last": spec.run.channels_last}
+        layout = {"channels_last": switches.channels_last}
         self.train = CifarBatches(arrays.train_images, arrays.train_labels, mean, spec.optim.batch_size,
                                   train=True, device=storage, seed=spec.seed, **layout)
         self.test = CifarBatches(arrays.test_images, arrays.test_labels, mean, spec.data.eval_batch_size,
@@ -73,7 +68,7 @@ class CifarPipeline:
 
 
 class ImageNetPipeline:
-    def __init__(self, spec: Spec, root: Path, device: torch.device, processes: Processes):
+    def __init__(self, spec: Spec, root: Path, device: torch.device, processes: Processes, switches: Switches):
         from repro.data.imagenet import EpochSampler, imagenet_datasets, make_loader
 
         if processes.distributed and not processes.is_main:
@@ -82,7 +77,7 @@ class ImageNetPipeline:
                                  mean_workers=spec.data.workers)
         if processes.distributed and processes.is_main:
             processes.barrier()
-        self.device, self.channels_last = device, spec.run.channels_last
+        self.device, self.channels_last = device, switches.channels_last
         shard = {"rank": processes.rank, "world_size": processes.world_size}
         loader = {"workers": spec.data.workers, "pin_memory": device.type == "cuda"}
 
@@ -113,8 +108,8 @@ class ImageNetPipeline:
         return self._on_device(self.ten_crop)
 
 
-def build_pipeline(spec: Spec, data_root: str | None, device: torch.device, processes: Processes):
+def build_pipeline(spec: Spec, data_root: str | None, device: torch.device, processes: Processes,
+                   switches: Switches):
     root = resolve_data_root(spec, data_root)
-    if spec.data.dataset == "cifar10":
-        return CifarPipeline(spec, root, device, processes)
-    return ImageNetPipeline(spec, root, device, processes)
+    pipeline = CifarPipeline if spec.data.dataset == "cifar10" else ImageNetPipeline
+    return pipeline(spec, root, device, processes, switches)

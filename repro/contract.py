@@ -1,0 +1,90 @@
+"""The promises that the trainer, the reports and the suite backends share: exit codes, stop signals,
+the run folder's file names and metric columns, where data lies, and how a file is written safely.
+
+Nothing here imports torch or pandas: the launcher, the Slurm scripts and the reports read it too.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+# --- exit codes of `repro train` ----------------------------------------------------------------
+EXIT_OK = 0
+EXIT_FAILED = 1  # an unexpected error (a traceback), or a suite with failed runs
+EXIT_USAGE = 2  # a ReproError: bad spec, missing data, damaged run folder; the message says what to do
+EXIT_DIVERGED = 3  # the loss became non-finite: final.json says "diverged"; rerunning does nothing
+EXIT_LOCKED = 4  # another process holds the run folder's lock; this one wrote nothing
+EXIT_PREEMPTED = 75  # stopped by a stop signal after a checkpoint (EX_TEMPFAIL): run the command again
+
+# How Slurm and a user ask a run to stop: the trainer checkpoints at the next step and exits 75.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# --- the run folder: RESULTS/runs/<spec name>/seed<K>/ ------------------------------------------
+CONFIG = "config.yaml"  # the resolved spec, written when the run starts
+ENV = "env.json"  # one entry per start: versions, device, resolved speed switches, command
+METRICS = "metrics.csv"  # one row per epoch, rewritten from the checkpoint so it never runs ahead
+LOG = "log.txt"
+FINAL = "final.json"  # written last: "finished" or "diverged"
+CHECKPOINTS = "checkpoints"
+LATEST, PREVIOUS = "last.pt", "prev.pt"
+LOCK = ".lock"  # flock'ed by the one process that trains the run; holds its host and pid
+DAMAGED = "damaged"  # unreadable checkpoints are moved into checkpoints/damaged/, never deleted
+
+# metrics.csv. `train_images` counts the epoch's training images; `partial` is 1 on the last row
+# when training stopped inside an epoch (the curves keep it, the claims read full epochs only).
+METRIC_COLUMNS = ("epoch", "iteration", "lr", "train_images", "partial", "train_loss", "train_error",
+                  "test_loss", "test_error", "epoch_seconds", "images_per_second")
+IMAGENET_METRIC_COLUMNS = METRIC_COLUMNS[:9] + ("test_top5_error",) + METRIC_COLUMNS[9:]
+
+
+def metric_columns(dataset: str) -> tuple[str, ...]:
+    return IMAGENET_METRIC_COLUMNS if dataset == "imagenet" else METRIC_COLUMNS
+
+
+def run_path(results: str | Path, name: str, seed: int) -> Path:
+    return Path(results) / "runs" / name / f"seed{seed}"
+
+
+# --- data -----------------------------------------------------------------------------------------
+DATA_ENV = "REPRO_DATA"  # a folder holding cifar-10-batches-py/ and, in imagenet/, train/ and val/
+
+
+def data_root(dataset: str, given: str | None) -> Path | None:
+    """`given` (a flag or the spec's data.root), else $REPRO_DATA, or its `imagenet/` subfolder for
+    ImageNet; None when neither is set."""
+    if given:
+        return Path(given).expanduser()
+    shared = os.environ.get(DATA_ENV)
+    if not shared:
+        return None
+    return Path(shared).expanduser() / "imagenet" if dataset == "imagenet" else Path(shared).expanduser()
+
+
+# --- files ------------------------------------------------------------------------------------------
+def atomic_write(path: str | Path, data: str | bytes, durable: bool = False,
+                 keep_previous: str | Path | None = None) -> None:
+    """Replace `path` with `data` in one step: a reader or a crash sees the old file or the new one,
+    never half of one. `durable` flushes the file and its folder to disk (checkpoints, results);
+    `keep_previous` first renames the old file there. A failed write (a full or read-only disk)
+    removes its `.partial` file, leaves the old files as they were, and raises."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb" if isinstance(data, bytes) else "w") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)

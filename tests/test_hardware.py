@@ -1,0 +1,69 @@
+"""Speed switches resolved from the hardware (issue 14): fp32 unless bf16 is asked for, a warning
+when bf16 has no native kernels, channels_last where it measured no slower, explicit values win."""
+import warnings
+
+import pytest
+import torch
+
+from repro.hardware import Capabilities, probe, resolve_switches
+from repro.spec import RunSpec
+
+AVX2 = Capabilities("cpu", "AMD EPYC", "AVX2", native_bf16=False)
+NO_AVX2 = Capabilities("cpu", "Intel Atom", "DEFAULT", native_bf16=False)
+AVX512_BF16 = Capabilities("cpu", "Intel Xeon Platinum 8480+", "AVX512", native_bf16=True)
+H100 = Capabilities("cuda", "NVIDIA H100 80GB HBM3", "AVX512", native_bf16=True)
+
+
+def resolve(capabilities, dataset="cifar10", **run):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        switches = resolve_switches(RunSpec(**run), capabilities, dataset)
+    return switches, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("capabilities", [AVX2, AVX512_BF16, H100], ids=["avx2", "avx512", "cuda"])
+def test_the_default_precision_is_fp32_everywhere(capabilities):
+    assert resolve(capabilities)[0].precision == "fp32"
+
+
+def test_channels_last_follows_the_layout_probe():
+    assert resolve(AVX2)[0].channels_last is True  # measured 1.01-1.32x on an AVX2 EPYC
+    assert resolve(AVX512_BF16)[0].channels_last is True
+    assert resolve(NO_AVX2)[0].channels_last is False
+    assert resolve(H100)[0].channels_last is True
+
+
+def test_an_explicit_value_wins_over_the_probe():
+    assert resolve(NO_AVX2, channels_last=True)[0].channels_last is True
+    assert resolve(AVX2, channels_last=False)[0].channels_last is False
+    assert resolve(H100, channels_last=False)[0].channels_last is False
+    assert resolve(H100, cuda_graphs=False)[0].cuda_graphs is False
+
+
+def test_bf16_without_native_kernels_warns_once_with_the_reason_and_is_obeyed():
+    switches, messages = resolve(AVX2, precision="bf16")
+    assert switches.precision == "bf16"
+    assert len(messages) == 1 and "no native bf16 kernels" in messages[0] and "AMD EPYC" in messages[0]
+    switches, messages = resolve(AVX512_BF16, precision="bf16")
+    assert switches.precision == "bf16" and messages == []
+
+
+def test_cuda_only_switches_stay_off_on_a_cpu_and_graphs_need_device_resident_cifar():
+    cpu = resolve(AVX2, compile=True, cuda_graphs=True)[0]
+    assert not cpu.compile and not cpu.cuda_graphs
+    gpu = resolve(H100)[0]
+    assert gpu.cuda_graphs and not gpu.compile  # graphs remove the launch cost; compile+graphs not measured
+    assert not resolve(H100, data_on_device=False)[0].cuda_graphs
+    imagenet = resolve(H100, dataset="imagenet")[0]
+    assert imagenet.compile and not imagenet.cuda_graphs and not imagenet.data_on_device
+
+
+def test_the_old_bf16_key_names_its_replacement():
+    with pytest.raises(ValueError, match="run.precision"):
+        RunSpec(bf16=True)
+
+
+def test_the_probe_reads_this_machine():
+    here = probe(torch.device("cpu"))
+    assert here.device_type == "cpu" and here.name and here.cpu_capability
+    assert here.native_bf16 == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
