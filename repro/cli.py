@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from repro.contract import EXIT_USAGE
 from repro.errors import ReproError
 
 
@@ -31,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides = merge(overrides, {"seed": args.seed})
     spec = load_spec(args.spec, overrides)
-    return train(spec, Path(args.results), args.data)
+    return train(spec, Path(args.results), args.data, restart=args.restart)
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
@@ -49,14 +50,12 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.target == "cifar":
-        from repro.bench_cifar import CPU_SWITCHES, SWITCHES, bench_cifar, write_bench
+        from repro.bench_cifar import DEFAULT_SPECS, bench_cifar, write_bench
 
-        import torch
-
-        switches = tuple(args.switches or (SWITCHES if torch.cuda.is_available() else CPU_SWITCHES))
-        frame = bench_cifar(args.models, switches, device=args.device, warmup_steps=args.warmup,
-                            steps=args.steps, rounds=args.rounds)
-        print(frame.to_string(index=False))
+        frame = bench_cifar(args.specs or DEFAULT_SPECS, device=args.device, batch_size=args.batch_size,
+                            warmup_steps=args.warmup, steps=args.steps, rounds=args.rounds, only=args.switches)
+        print(frame[["spec", "switches", "images_per_second", "speedup_vs_eager_fp32", "auto_choice"]]
+              .to_string(index=False))
         print(write_bench(frame, args.out))
     else:
         from repro.bench_imagenet import run_imagenet_data_bench
@@ -94,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results folder (default: results)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key, e.g. --set optim.max_iters=1000 (repeatable)")
+    p.add_argument("--restart", action="store_true",
+                   help="start the run over, keeping its existing folder as seed<K>.restarted-<time>")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("make-data", help="write a generated dataset in the real on-disk format")
@@ -108,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="measure training or data-loading speed into results/bench/")
     p.add_argument("target", choices=("cifar", "imagenet-data"))
-    p.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet56", "cifar_resnet110"],
-                   help="cifar: the networks to time")
-    p.add_argument("--switches", nargs="+", choices=("channels_last", "bf16", "compile", "data_on_device"),
-                   help="cifar: switches whose on/off combinations are timed (default: all that apply)")
+    p.add_argument("--specs", nargs="+", metavar="SPEC",
+                   help="cifar: the specs to time (default: ResNet-20, -56 and -110)")
+    p.add_argument("--switches", nargs="+", metavar="NAME",
+                   help="cifar: only these candidates besides eager_fp32 (default: all that apply here)")
+    p.add_argument("--batch-size", type=int, default=128, help="cifar: images per iteration (default 128)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data", help="imagenet-data: an ImageNet root (default: a generated stand-in)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="imagenet-data: worker counts")
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the results folder)")
     p.set_defaults(func=cmd_responses)
 
-    from repro.launch import add_run_all_arguments, run_all
+    from repro.suite.run_all import add_arguments as add_run_all_arguments, run_all
 
     p = commands.add_parser("run-all", help="train the paper's suite (smoke, local GPUs or Slurm), then report")
     add_run_all_arguments(p)
@@ -151,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except ReproError as error:
         print(f"repro {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", EXIT_USAGE)

@@ -171,7 +171,7 @@ class Trainer:
         if switches.cuda_graphs:
             from repro.graphs import GraphedTrainStep
 
-            self.step = GraphedTrainStep(self.network, self.optimizer, self.autocast)
+            self.step = GraphedTrainStep(self.network, self.optimizer, self.autocast, train_step)
         else:
             self.step = self._eager_step
         # the position in the recipe, and the sums of the epoch in progress

@@ -12,6 +12,8 @@ a schedule change needs no new capture.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -21,14 +23,13 @@ EAGER_STEPS = 3  # before capture: momentum buffers exist, cuDNN has chosen its 
 class GraphedTrainStep:
     """Called like the eager step: `step(x, y, lr) -> [summed loss, wrong]` on the device."""
 
-    def __init__(self, network: nn.Module, optimizer: torch.optim.SGD, autocast, eager_steps: int = EAGER_STEPS):
-        from repro.engine import train_step
-
+    def __init__(self, network: nn.Module, optimizer: torch.optim.SGD, autocast, eager_step: Callable,
+                 eager_steps: int = EAGER_STEPS):
         (group,) = optimizer.param_groups
         if group["nesterov"] or group["dampening"]:
             raise ValueError("the graphed SGD update implements plain momentum SGD only (the paper's)")
         self.network, self.optimizer, self.autocast, self.group = network, optimizer, autocast, group
-        self.eager_step = train_step
+        self.eager_step = eager_step  # the engine's train_step(network, optimizer, autocast, x, y)
         self.eager_steps = eager_steps
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None

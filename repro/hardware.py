@@ -65,8 +65,8 @@ class Switches:
 
 def channels_last_pays(capabilities: Capabilities) -> bool:
     """NHWC is the layout of cuDNN's tensor-core kernels and of oneDNN's vectorised CPU kernels. On a
-    2-core AVX2 AMD EPYC, `repro bench cifar` measured it 1.01x (ResNet-20), 1.32x (ResNet-56) and
-    1.09x (ResNet-110) the speed of NCHW (results/bench/cifar_cpu.csv); without AVX2 there is no
+    2-core AVX2 AMD EPYC, `repro bench cifar` measured it 1.18x (ResNet-20), 1.46x (ResNet-56) and
+    1.32x (ResNet-110) the speed of NCHW (results/bench/cifar_cpu.csv); without AVX2 there is no
     vectorised NHWC kernel to win with, so the CPU keeps NCHW there."""
     return capabilities.device_type == "cuda" or capabilities.cpu_capability.startswith(("AVX2", "AVX512"))
 

@@ -7,7 +7,7 @@ An unknown key, a wrong type or an impossible value is a SpecError naming the fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -84,6 +84,9 @@ class OptimSpec(_Section):
     warmup_lr: Optional[float] = None  # ResNet-110/1202: 0.01 until training error < 80% (Sec. 4.2)
     warmup_until_train_error: float = 80.0  # percent; then lr goes back to `lr` and the schedule
     warmup_window: int = 50  # iterations whose running training error decides the warm-up's end
+    # Our choice: the paper's warm-up took about 400 iterations; one still running at this cap ends
+    # here, logged and recorded in final.json, instead of training at warmup_lr all along.
+    warmup_max_iters: int = 2000
 
     @model_validator(mode="after")
     def _check(self) -> "OptimSpec":
@@ -95,20 +98,35 @@ class OptimSpec(_Section):
             raise ValueError(f"lr_factor must lie in (0, 1), got {self.lr_factor}")
         if self.lr_milestones != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
             raise ValueError(f"lr_milestones must be strictly increasing positive iterations, got {self.lr_milestones}")
-        if self.warmup_window < 1:
-            raise ValueError("warmup_window must be at least 1 iteration")
+        if self.warmup_window < 1 or self.warmup_max_iters < 1:
+            raise ValueError("warmup_window and warmup_max_iters must be at least 1 iteration")
         return self
 
 
+Auto = Literal["auto"]
+
+
 class RunSpec(_Section):
-    """Speed switches: none of them changes the recipe."""
+    """Speed and precision switches. None of them is part of the recipe: a run may resume under other
+    values. `auto` is decided from the hardware when the run starts (repro/hardware.py) and the
+    resolved value is written to env.json and the log."""
 
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
-    channels_last: bool = True  # NHWC memory layout, faster convolutions on tensor cores and oneDNN
-    bf16: bool = True  # bf16 autocast for convs/matmuls; BN and the loss stay fp32 (fp16 made plain-56 diverge)
-    compile: bool = True  # torch.compile the training step (CUDA only; ignored on CPU)
+    # fp32 is the paper's precision. bf16 autocasts convs and matmuls, which leaves BN outputs, the
+    # residual additions and the logits in bf16 too; it changes the numbers, so it is never a default.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: Union[Auto, bool] = "auto"  # NHWC layout; auto: where it measured faster (CUDA, AVX2+ CPUs)
+    compile: Union[Auto, bool] = "auto"  # torch.compile the network; auto: on CUDA only
+    cuda_graphs: Union[Auto, bool] = "auto"  # CIFAR: the whole training step as one CUDA graph; auto: on CUDA
     data_on_device: bool = True  # CIFAR: the whole uint8 dataset on the device, augmented there
     progress: Literal["auto", "bar", "log"] = "auto"  # a bar on a terminal, log lines otherwise
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "bf16" in values:
+            raise ValueError("bf16: replaced by run.precision (fp32 or bf16); fp32 is the default")
+        return values
 
     @model_validator(mode="after")
     def _check(self) -> "RunSpec":
@@ -118,12 +136,19 @@ class RunSpec(_Section):
         return self
 
 
+class EvalSpec(_Section):
+    """Evaluations of the finished network, beyond the per-epoch test of the center crop."""
+
+    final: list[Literal["ten_crop"]] = []  # ImageNet: the 10-crop test of Table 2 (Sec. 3.4)
+
+
 class Spec(_Section):
     name: str
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     optim: OptimSpec = OptimSpec()
     run: RunSpec = RunSpec()
+    eval: EvalSpec = EvalSpec()
     seed: int = Field(0, ge=0)  # seeds the He initialisation, the data order and the augmentation
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ the same path on a real Slurm cluster.
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,11 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repro import launch, slurm
+from repro.contract import EXIT_DIVERGED, EXIT_LOCKED, EXIT_PREEMPTED
 from repro.errors import DataError, ReproError, SpecError
-from repro.launch import add_run_all_arguments, make_plan, run_all
-from repro.local import Job, LocalPool, Stage, local_stages, summarize
 from repro.spec import load_spec, parse_overrides
+from repro.suite import slurm
+from repro.suite.local import Job, LocalPool, Stage, local_stages, summarize
+from repro.suite.plan import make_plan, read_suite
+from repro.suite.run_all import add_arguments as add_run_all_arguments, run_all
 
 SUITE = Path(__file__).resolve().parents[1] / "experiments" / "suite.yaml"
 
@@ -151,6 +154,30 @@ def test_a_suite_name_without_a_spec_is_an_error_naming_it(tmp_path, data):
     args.suite = str(suite)
     with pytest.raises(SpecError, match="'tiny56'.*specs there are: tiny18, tiny20"):
         make_plan(args)
+
+
+def test_the_suite_file_reader_reads_every_section():
+    mapping = yaml.safe_load(SUITE.read_text())
+    suite = read_suite(SUITE, smoke=True)
+    assert suite.seeds == mapping["smoke"]["seeds"] and read_suite(SUITE).seeds == mapping["seeds"]
+    assert (suite.smoke_data, suite.smoke_overrides) == (mapping["smoke"]["data"], mapping["smoke"]["overrides"])
+    assert suite.names(extras=False) == list(dict.fromkeys(
+        n for group in ("figures", "tables") for names in mapping[group].values() for n in names))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("seeds: {cifar10: 0}\n", "seeds: cifar10: expected a number of runs"),
+    ("extras: [1]\n", "extras: expected a list of spec names"),
+    ("smoke: {seeds: {cifar10: 1}, overrides: {cifar10: 5}}\n", "smoke: overrides: cifar10: expected a dict"),
+    ("smoke: [1]\n", "smoke: expected a dict"),
+    ("figures: {f: [a]}\nsmoke: {data: {cifar10: {train: 8}}}\n", "smoke: seeds: expected a mapping"),
+    ("\udcff\n", "not valid YAML"),
+])
+def test_a_bad_suite_file_is_an_error_naming_the_file_and_the_key(tmp_path, content, message):
+    path = tmp_path / "suite.yaml"
+    path.write_bytes(content.encode(errors="surrogateescape"))
+    with pytest.raises(SpecError, match=f"{re.escape(str(path))}: .*{re.escape(message)}"):
+        read_suite(path, smoke=True)
 
 
 # --- dry run and bad input -----------------------------------------------------------------------
@@ -294,12 +321,37 @@ def test_slurm_refuses_to_submit_while_jobs_of_the_results_folder_are_queued(tmp
 
 TRAINER = """#!/bin/bash
 # Stands in for `python -m repro train`: exits with $TRAINER_EXIT, or, when that is "wait", trains
-# until SIGTERM, then "checkpoints" and exits with 75 as the engine does.
+# until SIGTERM, then "checkpoints" and exits with 75 as the engine does. $EVENTS.args gets the
+# arguments, each ended by a NUL.
 echo "started $*" >> "$EVENTS"
+printf '%s\\0' "$@" > "$EVENTS.args"
 if [ "$TRAINER_EXIT" != wait ]; then exit "$TRAINER_EXIT"; fi
 trap 'echo "trainer got TERM" >> "$EVENTS"; exit 75' TERM
 sleep 30 & wait
 """
+
+
+def start_array_task(tmp_path: Path, monkeypatch, data: list[str], trainer_exit: str, results: str = "r"):
+    """Task 2 of the CIFAR-10 array script (ResNet-20, seed 2), started in bash as Slurm would, with
+    stand-ins for the trainer and scontrol that write to the events file. Returns the job (a Popen),
+    the events file, the plan and the array."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "trainer").write_text(TRAINER)
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$EVENTS"\n')
+    for name in ("trainer", "scontrol"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setattr(slurm, "PYTHON", str(bin_dir / "trainer"))
+    plan = make_plan(parse("--slurm", "--only", "cifar_resnet20", "--results", str(tmp_path / results), *data))
+    [array] = slurm.arrays(plan)
+    array.script.parent.mkdir(parents=True)
+    array.runs_list.write_text(slurm.runs_list(array.runs, plan))
+    array.script.write_text(slurm.array_script(array, plan, slurm.Resources(0, 1, 1, [])))
+    events = tmp_path / "events"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "EVENTS": str(events),
+           "TRAINER_EXIT": trainer_exit, "SLURM_ARRAY_TASK_ID": "2", "SLURM_JOB_ID": "42"}
+    job = subprocess.Popen(["bash", str(array.script)], env=env, stdout=subprocess.PIPE, text=True)
+    return job, events, plan, array
 
 
 @pytest.mark.parametrize("trainer_exit, signal_to_job, exit_code, requeued", [
@@ -312,22 +364,7 @@ sleep 30 & wait
 ])
 def test_array_script_passes_signals_on_and_requeues_checkpointed_runs(
         tmp_path, monkeypatch, data, trainer_exit, signal_to_job, exit_code, requeued):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "trainer").write_text(TRAINER)
-    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$EVENTS"\n')
-    for name in ("trainer", "scontrol"):
-        (bin_dir / name).chmod(0o755)
-    monkeypatch.setattr(launch, "PYTHON", str(bin_dir / "trainer"))
-    plan = make_plan(parse("--slurm", "--only", "cifar_resnet20", "--results", str(tmp_path / "r"), *data))
-    [array] = slurm.arrays(plan)
-    array.script.parent.mkdir(parents=True)
-    array.runs_list.write_text(slurm.runs_list(array.runs, plan))
-    array.script.write_text(slurm.array_script(array, plan, slurm.Resources(0, 1, 1, [])))
-    events = tmp_path / "events"
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "EVENTS": str(events),
-           "TRAINER_EXIT": trainer_exit, "SLURM_ARRAY_TASK_ID": "2", "SLURM_JOB_ID": "42"}
-    job = subprocess.Popen(["bash", str(array.script)], env=env, stdout=subprocess.PIPE, text=True)
+    job, events, plan, array = start_array_task(tmp_path, monkeypatch, data, trainer_exit)
     if signal_to_job:
         deadline = time.monotonic() + 10
         while "started" not in (events.read_text() if events.exists() else ""):
@@ -342,6 +379,113 @@ def test_array_script_passes_signals_on_and_requeues_checkpointed_runs(
     assert ("trainer got TERM" in lines) == (signal_to_job is not None)
     assert ("scontrol requeue 42" in lines) == requeued
     assert f"end: exit code {exit_code}" in array.runs[2].log.read_text()  # the run's output file
+
+
+def test_array_script_ends_a_busy_run_without_failing_or_requeueing(tmp_path, monkeypatch, data):
+    job, events, plan, array = start_array_task(tmp_path, monkeypatch, data, str(EXIT_LOCKED))
+    output, _ = job.communicate(timeout=20)
+    assert job.returncode == 0, output  # another process trains the run: not a failure of the suite
+    assert "scontrol requeue 42" not in events.read_text()  # a requeue would only race that process
+    log = array.runs[2].log.read_text()
+    assert f"end: exit code {EXIT_LOCKED}" in log and "busy: another process holds the run's lock" in log
+
+
+def test_array_script_takes_the_exit_codes_from_the_contract(tmp_path, data):
+    plan = make_plan(parse("--slurm", "--only", "cifar_resnet20", "--results", str(tmp_path / "r"), *data))
+    [array] = slurm.arrays(plan)
+    script = slurm.array_script(array, plan, slurm.Resources(0, 1, 1, []))
+    assert f"DIVERGED={EXIT_DIVERGED} LOCKED={EXIT_LOCKED} PREEMPTED={EXIT_PREEMPTED}\n" in script
+    assert not re.search(r"-(eq|ne) (3|4|75)\b", script)  # every test of an exit code names it
+
+
+# Characters that mean something to bash, to sbatch's #SBATCH reader or to Slurm's file name patterns.
+AWKWARD = "my results #1 (50% \"done\") 'x' $HOME"
+
+
+def test_scripts_quote_every_value_and_bash_reads_them_back(tmp_path, monkeypatch, data):
+    calls = stand_ins(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    results = tmp_path / AWKWARD
+    assert run_all(parse("--slurm", "--only", "cifar_resnet20", "--seeds", "1", "--results", str(results),
+                         "--partition", "gpu a", "--sbatch-arg=--comment=two words # no comment",
+                         "--sbatch-arg=--exclusive", *data)) == 0
+    assert len(calls.read_text().splitlines()) == 2
+    logs = str(results / "slurm" / "logs").replace("%", "%%").replace('"', '\\"')
+    for name, pattern in (("cifar10_array", "%x_%A_%a.out"), ("report", "%x_%j.out")):
+        script = (results / "slurm" / f"{name}.sh").read_text()
+        assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+        directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+        for directive in (f'--output="{logs}/{pattern}"', '--partition="gpu a"',
+                          '--comment="two words # no comment"', "--exclusive"):
+            assert f"#SBATCH {directive}" in directives, (directive, directives)
+
+
+def test_array_script_reads_awkward_paths_back_intact(tmp_path, monkeypatch, data):
+    job, events, plan, array = start_array_task(tmp_path, monkeypatch, data, "0", results=AWKWARD)
+    output, _ = job.communicate(timeout=20)
+    assert job.returncode == 0, output
+    arguments = Path(f"{events}.args").read_text().split("\0")[:-1]
+    assert arguments == ["-m", "repro", *plan.train_arguments(array.runs[2])]
+    assert str(tmp_path / AWKWARD) in arguments
+    assert "end: exit code 0" in array.runs[2].log.read_text()  # the log path, read from the runs list
+
+
+LINE_BREAK = "gpu\ntouch /tmp/x"  # a second line would be a shell command, and end sbatch's directives
+
+
+@pytest.mark.parametrize("flags, environment, named", [
+    *[([f"--{key}", LINE_BREAK], {}, f"--{key}") for key in ("partition", "account", "qos", "time", "mem")],
+    *[([], {f"REPRO_SLURM_{key.upper()}": LINE_BREAK}, f"$REPRO_SLURM_{key.upper()}")
+      for key in ("partition", "account", "qos", "time", "mem")],
+    ([], {"REPRO_SLURM_PARTITION": "gpu\r"}, "$REPRO_SLURM_PARTITION"),
+    ([f"--sbatch-arg=--comment={LINE_BREAK}"], {}, "--sbatch-arg"),
+    ([], {"REPRO_SLURM_SBATCH_ARGS": f"--exclusive '--comment={LINE_BREAK}'"}, "$REPRO_SLURM_SBATCH_ARGS"),
+    (["--results", "r\nx"], {}, "--results"),
+    (["--results", "r\tx"], {}, "--results"),
+])
+def test_slurm_refuses_control_characters_before_writing_anything(tmp_path, monkeypatch, data, flags,
+                                                                  environment, named):
+    calls = stand_ins(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    for dry_run in ([], ["--dry-run"]):
+        with pytest.raises(ReproError, match=f"{re.escape(named)}.*control character"):
+            run_all(parse("--slurm", "--only", "cifar_resnet20", "--results", "r", *data, *flags, *dry_run))
+    assert not calls.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "cifar", "imagenet"]
+
+
+def test_control_characters_in_paths_of_the_runs_are_refused(tmp_path, data):
+    suite = write_suite(tmp_path / "exp", {"seeds": {"cifar10": 1}, "figures": {"f": ["tiny20"]}})
+    spec = suite.parent / "cifar10" / "tiny20.yaml"
+    spec.rename(spec.with_name("tiny\t20.yaml"))  # a tab would split its line of the runs list
+    args = parse("--slurm", "--dry-run", "--results", str(tmp_path / "r"), *data)
+    args.suite = str(suite)
+    with pytest.raises(ReproError, match=r"an argument of tiny20 seed 0: .*control character '\\t'"):
+        run_all(args)
+    cifar = tmp_path / "ci\nfar"
+    (tmp_path / "cifar").rename(cifar)
+    args.data_cifar = str(cifar)
+    with pytest.raises(ReproError, match=r"--data-cifar: .*control character '\\n'"):
+        run_all(args)
+
+
+def test_control_characters_are_a_one_line_error_on_the_command_line(tmp_path, data):
+    environment = {**os.environ, "REPRO_SLURM_PARTITION": LINE_BREAK}
+    result = subprocess.run([sys.executable, "-m", "repro", "run-all", "--slurm", "--dry-run", "--only",
+                             "cifar_resnet20", "--results", str(tmp_path / "r"), *data],
+                            env=environment, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "$REPRO_SLURM_PARTITION" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_one_backend_at_a_time(tmp_path):
+    with pytest.raises(ReproError, match="--local and --slurm exclude each other"):
+        run_all(parse("--local", "--slurm"))
+    with pytest.raises(ReproError, match="--local trains the full suite.*choose one"):
+        run_all(parse("--local", "--smoke"))
 
 
 # --- the local pool ------------------------------------------------------------------------------
@@ -384,6 +528,15 @@ def test_stopping_the_pool_passes_sigterm_on_and_starts_nothing_more(tmp_path, c
     assert not jobs[1].log.exists()
     plan = make_plan(parse("--only", "cifar_resnet20", "--results", str(tmp_path / "r")))
     assert summarize(plan, outcomes, 1.0) == 75
+
+
+def test_a_busy_run_is_left_to_its_trainer_and_fails_nothing(tmp_path, capsys):
+    jobs = [python_job(tmp_path, "busy", f"raise SystemExit({EXIT_LOCKED})"), python_job(tmp_path, "done", "")]
+    outcomes = LocalPool().run(Stage("test", jobs, [{}], "one slot"))
+    assert [o.kind for o in outcomes] == ["busy", "done"]
+    plan = make_plan(parse("--only", "cifar_resnet20", "--results", str(tmp_path / "r")))
+    assert summarize(plan, outcomes, 1.0) == EXIT_PREEMPTED  # not done yet: run the same command again
+    assert "busy: another process trains it" in capsys.readouterr().out
 
 
 def test_local_gpu_stages_share_gpus_among_cifar_runs_and_give_imagenet_all_of_them(tmp_path, data):

@@ -1,6 +1,7 @@
 """`repro run-all --smoke --slurm` on a real one-node Slurm cluster (tests/slurm_cluster.py): a small
 smoke suite is submitted, one of its training jobs is requeued in the middle of an epoch, every run
 finishes with the metrics of the same run trained locally, and the report job runs after all of them.
+A job script written for a results folder whose path holds spaces, quotes, # and % runs as written.
 
 Needs root and Debian's slurm-wlm and munge (`sudo .ci/install-slurm.sh`); skipped otherwise.
 """
@@ -18,7 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repro.launch import REPRO, add_run_all_arguments, make_plan, run_all
+from repro.suite import slurm
+from repro.suite.plan import REPRO, make_plan
+from repro.suite.run_all import add_arguments as add_run_all_arguments, run_all
 from slurm_cluster import cluster_unavailable_reason, local_slurm_cluster
 
 pytestmark = pytest.mark.slurm
@@ -132,3 +135,42 @@ def test_smoke_suite_on_slurm_survives_a_requeue_and_matches_local_runs(cluster,
     assert stamps(report_log, "start")[0] > max(training_ends)
     assert "end: exit code 0" in text(report_log), text(report_log)
     assert (results / "REPORT.md").exists()
+
+
+# Characters that mean something to bash, to sbatch's reading of #SBATCH lines, or to Slurm's file
+# name patterns (%).
+AWKWARD = "my results #1 (50% \"done\") 'x' $HOME"
+ARGUMENTS_TRAINER = """#!/bin/bash
+# Stands in for `python -m repro train`: writes its arguments, each ended by a NUL, and ends.
+printf '%s\\0' "$@" > "$ARGUMENTS"
+"""
+
+
+def test_a_job_script_for_an_awkward_results_path_runs_as_written(cluster, tmp_path, monkeypatch):
+    cifar = tmp_path / "cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    (cifar / "data_batch_1").touch()
+    trainer = tmp_path / "trainer"
+    trainer.write_text(ARGUMENTS_TRAINER)
+    trainer.chmod(0o755)
+    monkeypatch.setattr(slurm, "PYTHON", str(trainer))
+    arguments = tmp_path / "arguments"
+    monkeypatch.setenv("ARGUMENTS", str(arguments))  # sbatch passes its environment on to the job
+    parser = argparse.ArgumentParser()
+    add_run_all_arguments(parser)
+    results = tmp_path / AWKWARD
+    options = parser.parse_args(["--slurm", "--only", "cifar_resnet20", "--seeds", "1", "--results", str(results),
+                                 "--data-cifar", str(tmp_path / "cifar"), "--gpus-per-node", "0", "--cpus-per-task", "1",
+                                 "--sbatch-arg=--comment=a b # c"])
+    plan = make_plan(options)
+    [array] = slurm.arrays(plan)
+    (array.script.parent / "logs").mkdir(parents=True)
+    array.runs_list.write_text(slurm.runs_list(array.runs, plan))
+    array.script.write_text(slurm.array_script(array, plan, slurm.Resources.from_options(options)))
+    job = slurm.sbatch(str(array.script))
+    comment = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+    assert "Comment=a b # c" in comment, comment  # sbatch read the quoted directive as one value
+    slurm_log = results / "slurm" / "logs" / f"repro-cifar10_{job}_0.out"  # --output's pattern, expanded
+    wait_until(lambda: "end: exit code 0" in text(slurm_log), "the job to end", timeout=60)
+    assert arguments.read_text().split("\0")[:-1] == ["-m", "repro", *plan.train_arguments(array.runs[0])]
+    assert "end: exit code 0" in text(array.runs[0].log)

@@ -1,4 +1,5 @@
-"""Running a plan of `repro run-all` on this machine: --smoke on the CPU, --local on its GPUs.
+"""The `local` backend of `repro run-all`: the plan run on this machine, --smoke on the CPU, --local
+on its GPUs.
 
 The CIFAR-10 runs share a pool of slots (CPU threads, or a GPU each), the ImageNet runs follow one at
 a time (torchrun over every GPU), then the reports. A failed run does not stop the others; the
@@ -6,6 +7,7 @@ summary at the end names each failure with its output file.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import queue
 import shlex
@@ -17,12 +19,57 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from repro.engine import EXIT_DIVERGED, EXIT_PREEMPTED
+from repro.contract import EXIT_DIVERGED, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_PREEMPTED
 from repro.errors import ReproError
-from repro.launch import PYTHON, REPRO, Plan, Run, make_missing_data, print_start
+from repro.suite.plan import PYTHON, REPRO, Plan, Run, at_least, make_missing_data, print_start
 
+MODE = "the full suite on this machine's CUDA GPUs"  # the help of --local
 SMOKE_MAX_PARALLEL = 4  # smoke CIFAR runs at once: nets this small at batch 32 gain little past a few threads
-EXIT_FAILED = 1  # a run or a report failed: the summary names each with its output file
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("--local")
+    group.add_argument("--gpus", type=gpu_list, help="GPU indices to use, e.g. 0,1 (default: all visible)")
+    group.add_argument("--per-gpu", type=at_least(1), default=1, metavar="N",
+                       help="CIFAR runs sharing one GPU at a time (default: 1)")
+
+
+def gpu_list(text: str) -> list[int]:
+    try:
+        gpus = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1,3, got {text!r}") from None
+    if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative GPU indices, got {text!r}")
+    return gpus
+
+
+def check(options: argparse.Namespace) -> None:
+    """A mode this backend cannot run, and what this machine lacks, said before anything about the data."""
+    if options.local and options.smoke:
+        raise ReproError("--local trains the full suite on this machine's GPUs; --smoke trains the shrunk suite "
+                         "(on the CPU here, or with --slurm on Slurm): choose one")
+    if options.local:
+        local_gpus(options.gpus)
+
+
+def run(plan: Plan, options: argparse.Namespace) -> int:
+    """Run the plan here (--smoke on the CPU, --local on the GPUs); return run-all's exit code."""
+    stages = local_stages(plan, local_gpus(options.gpus) if options.local else [], options.per_gpu)
+    if options.dry_run:
+        print_plan(plan, stages)
+        return EXIT_OK
+    started = time.monotonic()
+    print_start(plan, dry_run=False)
+    make_missing_data(plan)
+    pool = LocalPool()
+    previous = {sig: signal.signal(sig, pool.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        outcomes = [outcome for stage in stages for outcome in pool.run(stage)]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return summarize(plan, outcomes, time.monotonic() - started)
 
 
 @dataclass(frozen=True)
@@ -50,8 +97,8 @@ class Outcome:
 
     @property
     def kind(self) -> str:
-        return {0: "done", EXIT_DIVERGED: "diverged", EXIT_PREEMPTED: "stopped", None: "not started"}.get(
-            self.code, "failed")
+        return {EXIT_OK: "done", EXIT_DIVERGED: "diverged", EXIT_PREEMPTED: "stopped", EXIT_LOCKED: "busy",
+                None: "not started"}.get(self.code, "failed")
 
 
 class LocalPool:
@@ -166,32 +213,16 @@ def print_plan(plan: Plan, stages: list[Stage]) -> None:
             print(f"{job.run.state() if job.run else 'report':11s} {job.label:28s} {shlex.join(job.command)}")
 
 
-def run_locally(plan: Plan, gpus: list[int], per_gpu: int, dry_run: bool) -> int:
-    """Run the plan (on the CPU when `gpus` is empty); returns run-all's exit code."""
-    stages = local_stages(plan, gpus, per_gpu)
-    if dry_run:
-        print_plan(plan, stages)
-        return 0
-    started = time.monotonic()
-    print_start(plan, dry_run=False)
-    make_missing_data(plan)
-    pool = LocalPool()
-    previous = {sig: signal.signal(sig, pool.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        outcomes = [outcome for stage in stages for outcome in pool.run(stage)]
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return summarize(plan, outcomes, time.monotonic() - started)
-
-
 def summarize(plan: Plan, outcomes: list[Outcome], seconds: float) -> int:
-    """Print what happened to each run and report; return run-all's exit code."""
+    """Print what happened to each run and report; return run-all's exit code: 0 all done, 1 something
+    failed, 75 something is left to do (stopped, busy or not started)."""
     reports = sum(1 for o in outcomes if o.job.run is None)
     print(f"\n{len(plan.runs)} runs and {reports} reports in {duration(seconds)} (results in {plan.results}):")
     print(f"  already finished, skipped: {len(plan.runs) - (len(outcomes) - reports)}")
     for kind, meaning in (("done", "done"), ("diverged", "diverged (final.json says so)"),
                           ("stopped", "stopped after a checkpoint: run the same command to resume"),
+                          ("busy", "busy: another process trains it (its run folder is untouched); run the "
+                                   "same command once that one ends"),
                           ("not started", "not started"), ("failed", "FAILED")):
         chosen = [o for o in outcomes if o.kind == kind]
         if chosen:
@@ -200,4 +231,7 @@ def summarize(plan: Plan, outcomes: list[Outcome], seconds: float) -> int:
             for o in chosen:
                 print(f"    {o.job.label}: exit code {o.code}, output in {o.job.log}")
     kinds = {o.kind for o in outcomes}
-    return EXIT_FAILED if "failed" in kinds else EXIT_PREEMPTED if kinds & {"stopped", "not started"} else 0
+    if "failed" in kinds:
+        return EXIT_FAILED
+    # not all done, nothing broken: the same command, run again, goes on
+    return EXIT_PREEMPTED if kinds & {"stopped", "busy", "not started"} else EXIT_OK
