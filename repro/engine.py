@@ -179,6 +179,7 @@ class Trainer:
         self.epoch = 0  # index of the epoch in progress
         self.batch = 0  # next batch of that epoch
         self.rows: list[dict] = []
+        self.lr = self.schedule.at(0)  # the rate of the latest step: each CSV row shows its epoch's last
         self.epoch_sums = DeviceSums(2, device)  # loss * images, wrong
         self.window_sums = DeviceSums(1, device)  # wrong, over the warm-up window
         self.epoch_train_seconds = 0.0
@@ -195,7 +196,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch,
+            "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch, "lr": self.lr,
             "rows": self.rows,
             "epoch_sums": self.epoch_sums.totals(self.processes),
             "window_sums": self.window_sums.totals(self.processes),
@@ -210,6 +211,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.iteration, self.epoch, self.batch = state["iteration"], state["epoch"], state["batch"]
+        self.lr = state.get("lr", self.schedule.at(max(self.iteration - 1, 0)))  # older checkpoints lack it
         self.rows = state["rows"]
         self.epoch_sums.restore(state["epoch_sums"], self.processes.is_main)
         self.window_sums.restore(state["window_sums"], self.processes.is_main)
@@ -265,7 +267,8 @@ class Trainer:
             for x, y in progress(self.pipeline.train_batches(self.epoch, self.batch), self.epoch):
                 if self.iteration >= max_iters:
                     break
-                stats = self.step(x, y, self.schedule.at(self.iteration))
+                self.lr = self.schedule.at(self.iteration)
+                stats = self.step(x, y, self.lr)
                 self.epoch_sums.add(stats, len(y))
                 if self.schedule.warming_up:
                     self.window_sums.add(stats[1:], len(y))
@@ -307,7 +310,7 @@ class Trainer:
         test = evaluate(self.model, self.pipeline.eval_batches(), self.autocast, self.processes, self.device)
         self.schedule.observe_validation(test["error"])
         row = {
-            "epoch": self.epoch + 1, "iteration": self.iteration, "lr": self.schedule.at(self.iteration - 1),
+            "epoch": self.epoch + 1, "iteration": self.iteration, "lr": self.lr,
             "train_images": int(count), "partial": int(self.batch < self.pipeline.batches_per_epoch),
             "train_loss": loss_sum / count, "train_error": error_percent(wrong, count),
             "test_loss": test["loss"], "test_error": test["error"],

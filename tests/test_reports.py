@@ -2,6 +2,8 @@
 verdicts that follow the numbers, figures, and well-formed tables."""
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,11 +11,14 @@ import yaml
 from PIL import Image
 
 from repro.errors import ReproError
+from repro.cli import main
 from repro.reports import figures, make_report
-from repro.reports.runs import find_runs, read_suite
+from repro.reports.runs import Network, find_runs, read_suite
 from repro.reports.summaries import table6_frame, write_table6
 from repro.reports.verdict import FAIL, NOT_RUN, PASS, evaluate_claims
-from repro.spec import validate
+from repro.spec import load_spec, validate
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 SUITE = {
     "seeds": {"cifar10": 5, "imagenet": 1},
@@ -32,37 +37,43 @@ SUITE = {
 
 
 def write_suite(tmp_path, suite=SUITE):
-    path = tmp_path / "suite.yaml"
+    """The suite file beside copies of the project's spec files, as experiments/ holds them: the reports
+    read a spec that has no run yet from there."""
+    folder = tmp_path / "experiments"
+    for dataset in ("cifar10", "imagenet"):
+        shutil.copytree(EXPERIMENTS / dataset, folder / dataset, dirs_exist_ok=True)
+    path = folder / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
     return path
 
 
 def write_run(results, name, seed, *, train_error, test_error, status="finished", epochs=4,
-              iterations_per_epoch=50, max_iters=200, final=None):
-    """A run folder in the project's format whose last epoch ends at the given errors; the earlier
-    epochs are 10 points higher. status None leaves it in progress (no final.json)."""
+              iterations_per_epoch=50, max_iters=200, final=None, model=None, partial_train_error=None):
+    """A run folder in the project's format whose last full epoch ends at the given errors; the earlier
+    epochs are 10 points higher. `model` is the spec's model section (default: the one its registry-style
+    name says); `partial_train_error` adds a last row for an epoch cut short by max_iters. status None
+    leaves it in progress (no final.json)."""
     folder = results / "runs" / name / f"seed{seed}"
     folder.mkdir(parents=True)
-    arch, kind, depth = re.fullmatch(r"(cifar|imagenet)_(plain|resnet)(\d+)", name).groups()
-    config = validate({"name": name, "seed": seed, "optim": {"max_iters": max_iters},
-                       "model": {"arch": arch, "depth": int(depth), "residual": kind == "resnet"},
-                       "data": {"dataset": "cifar10" if arch == "cifar" else "imagenet"}}, "test")
+    if model is None:
+        arch, kind, depth = re.fullmatch(r"(cifar|imagenet)_(plain|resnet)(\d+)", name).groups()
+        model = {"arch": arch, "depth": int(depth), "residual": kind == "resnet"}
+    config = validate({"name": name, "seed": seed, "optim": {"max_iters": max_iters}, "model": model,
+                       "data": {"dataset": "imagenet" if model.get("arch") == "imagenet" else "cifar10"}}, "test")
     (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
-    last = epochs - 1
-    pd.DataFrame({
-        "epoch": range(1, epochs + 1),
-        "iteration": [iterations_per_epoch * (e + 1) for e in range(epochs)],
-        "lr": 0.1, "train_loss": 1.0,
-        "train_error": [train_error + (0 if e == last else 10) for e in range(epochs)],
-        "test_loss": 1.0,
-        "test_error": [test_error + (0 if e == last else 10) for e in range(epochs)],
-        "epoch_seconds": 1.0, "images_per_second": 100.0,
-    }).to_csv(folder / "metrics.csv", index=False)
+    rows = [{"epoch": e, "iteration": iterations_per_epoch * e, "lr": 0.1, "train_images": 32 * iterations_per_epoch,
+             "partial": 0, "train_loss": 1.0, "train_error": train_error + (0 if e == epochs else 10),
+             "test_loss": 1.0, "test_error": test_error + (0 if e == epochs else 10), "epoch_seconds": 1.0,
+             "images_per_second": 100.0} for e in range(1, epochs + 1)]
+    if partial_train_error is not None:  # a fifth of an epoch more
+        rows.append({**rows[-1], "epoch": epochs + 1, "iteration": rows[-1]["iteration"] + iterations_per_epoch // 5,
+                     "train_images": 32 * (iterations_per_epoch // 5), "partial": 1,
+                     "train_error": partial_train_error})
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
     if status is not None:
         (folder / "final.json").write_text(json.dumps({
-            "status": status, "final_test_error": test_error, "best_test_error": test_error,
-            "best_epoch": epochs, "iterations": iterations_per_epoch * epochs, "wall_seconds": 1.0,
-            **(final or {})}))
+            "status": status, "final_test_error": test_error, "iterations": rows[-1]["iteration"],
+            "wall_seconds": 1.0, **(final or {})}))
     return folder
 
 
@@ -139,7 +150,7 @@ def test_tolerance_and_imagenet_claims(tmp_path):
 @pytest.mark.parametrize("resnet_std, verdict", [(0.5, PASS), (2.0, FAIL)])
 def test_response_verdict_follows_the_responses(tmp_path, resnet_std, verdict):
     responses = pd.DataFrame([
-        {"model": model, "seed": seed, "layer_index": i, "layer": f"layer{i}", "std": std}
+        {"model": model, "seed": seed, "layer_index": i, "layer": f"layer{i}", "std": std, "mean_channel_std": std}
         for model, std in (("cifar_plain20", 1.0), ("cifar_resnet20", resnet_std))
         for seed in (0, 1) for i in range(19)])
     claims = claims_by_text(tmp_path, write_suite(tmp_path), responses)
@@ -148,6 +159,7 @@ def test_response_verdict_follows_the_responses(tmp_path, resnet_std, verdict):
 
 
 def test_empty_results_give_a_report_of_runs_not_started(tmp_path):
+    (tmp_path / "results").mkdir()
     report = make_report(tmp_path / "results", write_suite(tmp_path), out_dir=tmp_path / "out")
     text = report.read_text()
     claim_lines = [line for line in text.splitlines() if line.startswith("- **")]
@@ -205,7 +217,8 @@ def test_no_runs_means_no_figure(tmp_path):
 def test_response_figure_has_one_curve_per_network():
     responses = pd.DataFrame([{"model": m, "layer_index": i, "std": 1.0 + i % 3}
                               for m, layers in (("cifar_plain20", 19), ("cifar_resnet56", 55)) for i in range(layers)])
-    figure = figures.response_figure(responses, ["cifar_plain20", "cifar_resnet56", "cifar_resnet110"])
+    networks = [Network.of(load_spec(EXPERIMENTS / "cifar10" / f"{n}.yaml")) for n in ("plain20", "resnet56", "resnet110")]
+    figure = figures.response_figure(responses, networks)
     top, bottom = figure.axes
     assert len(top.lines) == len(bottom.lines) == 2
     sorted_curve = bottom.lines[1].get_ydata()
@@ -216,7 +229,7 @@ def test_latex_is_well_formed_and_escaped(tmp_path):
     write_run(tmp_path, "cifar_resnet20", 0, train_error=1.0, test_error=8.0)
     runs = find_runs(tmp_path, read_suite(write_suite(tmp_path)))
     frame = table6_frame(runs, ["cifar_resnet20", "cifar_resnet56"])
-    frame.loc[1, "model"] = "cifar_resnet56_a&b%"  # not a registry-style name: shown as it is
+    frame.loc[1, "label"] = "cifar_resnet56_a&b%"  # special characters in a shown name
     _, _, tex_path = write_table6(frame, tmp_path / "tables")
     tex = tex_path.read_text()
     assert re.findall(r"\\begin\{(\w+)\}", tex) == list(reversed(re.findall(r"\\end\{(\w+)\}", tex)))
@@ -225,3 +238,108 @@ def test_latex_is_well_formed_and_escaped(tmp_path):
     body = tex.split("\\midrule")[1].split("\\bottomrule")[0].strip().splitlines()
     columns = tex.split("\\begin{tabular}{")[1].split("}")[0]
     assert len(body) == 2 and all(len(re.findall(r"(?<!\\)&", row)) == len(columns) - 1 for row in body)
+
+
+def test_training_error_claims_read_the_last_full_epoch(tmp_path):
+    """The row of an epoch cut short by max_iters is drawn but read by no claim; REPORT.md says so."""
+    write_run(tmp_path, "cifar_plain20", 0, train_error=1.0, test_error=9.0, partial_train_error=50.0)
+    write_run(tmp_path, "cifar_plain56", 0, train_error=5.0, test_error=9.0, partial_train_error=0.5)
+    suite_path = write_suite(tmp_path)
+    claim = claims_by_text(tmp_path, suite_path)["Deeper plain nets have higher final training error on CIFAR-10"]
+    assert claim.verdict == PASS and "plain-20 1.00 (n=1) < plain-56 5.00 (n=1)" in claim.evidence
+
+    figure = figures.error_figure([["cifar_plain20"]], find_runs(tmp_path, read_suite(suite_path)), **figures.FIG6)
+    train_curve = figure.axes[0].lines[0]
+    assert train_curve.get_ydata()[-1] == 50.0 and train_curve.get_xdata()[-1] == 210  # the curve keeps it
+
+    report = make_report(tmp_path, suite_path).read_text()
+    assert "Training errors, which the plain-net claims compare, are the running training error of the " \
+           "last full epoch: the last metrics.csv row with partial=0" in report
+
+
+def test_a_csv_without_the_partial_column_counts_as_full_epochs(tmp_path):
+    for name, error in (("cifar_plain20", 1.0), ("cifar_plain56", 5.0)):
+        metrics = write_run(tmp_path, name, 0, train_error=error, test_error=9.0) / "metrics.csv"
+        pd.read_csv(metrics).drop(columns=["train_images", "partial"]).to_csv(metrics, index=False)
+    claim = claims_by_text(tmp_path, write_suite(tmp_path))["Deeper plain nets have higher final training error on CIFAR-10"]
+    assert claim.verdict == PASS and "plain-20 1.00 (n=1) < plain-56 5.00 (n=1)" in claim.evidence
+
+
+def test_report_says_the_paper_counts_single_runs_but_for_resnet110(tmp_path):
+    write_run(tmp_path, "cifar_resnet20", 0, train_error=1.0, test_error=8.5)
+    write_run(tmp_path, "cifar_resnet20", 1, train_error=1.0, test_error=9.5)
+    report = make_report(tmp_path, write_suite(tmp_path)).read_text()
+    said = ("The paper's numbers are single runs, except ResNet-110, which Table 6 prints over 5 runs: "
+            "mean ± std 6.61 ± 0.16, best 6.43.")
+    table6 = (tmp_path / "tables" / "table6.md").read_text()
+    assert said in report and said in table6
+    row = next(line for line in table6.splitlines() if line.startswith("| ResNet-20"))
+    assert "| 9.00 ± 0.71" in row and "| 8.50 " in row  # the mean, and the best run beside it
+
+
+def test_report_on_a_missing_results_folder_says_so(tmp_path, capsys):
+    suite = write_suite(tmp_path)
+    missing = tmp_path / "no-such-results"
+    with pytest.raises(ReproError, match="results folder .*no-such-results does not exist"):
+        make_report(missing, suite)
+    assert main(["report", "--results", str(missing), "--suite", str(suite)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("repro report: error: results folder") and len(error.strip().splitlines()) == 1
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("file, content", [
+    ("metrics.csv", "epoch,iteration,train_error,test_error\n1,50,1.0,9.0\n2,100,1.0,9.0,7,7\n"),
+    ("metrics.csv", b"\x80\xff\xfe garbage"),
+    ("config.yaml", "model: [unclosed\n"),
+    ("config.yaml", "model: {depth: 21}\ndata: {dataset: cifar10}\n"),
+    ("final.json", "{not json"),
+])
+def test_a_damaged_run_is_named_and_the_report_goes_on(tmp_path, capsys, file, content):
+    for seed, error in enumerate([8.0, 9.0, 10.0]):
+        folder = write_run(tmp_path, "cifar_resnet20", seed, train_error=1.0, test_error=error)
+    damaged = tmp_path / "runs" / "cifar_resnet20" / "seed1" / file
+    damaged.write_bytes(content) if isinstance(content, bytes) else damaged.write_text(content)
+    report = make_report(tmp_path, write_suite(tmp_path)).read_text()
+
+    row = pd.read_csv(tmp_path / "tables" / "table6.csv").set_index("model").loc["cifar_resnet20"]
+    assert (row.n, row.test_error_mean, row.test_error_best) == (2, 9.0, 8.0)  # seeds 0 and 2
+    assert row.not_counted.startswith(f"seed 1: damaged ({file}: ")
+    assert re.search(rf"\| cifar_resnet20 +\| +1 \| damaged \({re.escape(file)}: ", report)
+    assert "1 damaged" in report and "delete" not in report.lower()
+    assert "folder is left as it is" in report
+    assert f"{damaged.parent} is damaged ({file}: " in capsys.readouterr().err
+    assert damaged.exists() and (folder / "metrics.csv").exists()  # a report changes nothing
+
+
+def test_networks_come_from_the_specs_not_their_names(tmp_path):
+    """A spec named `baseline` that trains plain-32: its config.yaml says so. A spec that has not started
+    is read from its file beside the suite."""
+    write_run(tmp_path, "baseline", 0, train_error=2.0, test_error=9.0,
+              model={"arch": "cifar", "depth": 32, "residual": False})
+    suite_path = write_suite(tmp_path, {"seeds": {"cifar10": 1},
+                                        "figures": {"fig6_left": ["baseline", "cifar_plain56"]},
+                                        "tables": {"table6": ["baseline", "cifar_resnet110"]}})
+    runs = find_runs(tmp_path, read_suite(suite_path))
+    make_report(tmp_path, suite_path)
+
+    table = pd.read_csv(tmp_path / "tables" / "table6.csv").set_index("model")
+    assert table.loc["baseline", "label"] == "plain-32" and table.loc["baseline", "params"] == 464_154
+    assert table.loc["cifar_resnet110", "label"] == "ResNet-110" and table.loc["cifar_resnet110", "params"] == 1_727_962
+    figure = figures.error_figure([["baseline", "cifar_plain56"]], runs, **figures.FIG6)
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend[0] == "plain-32" and figure.axes[0].lines[0].get_color() == figures.DEPTH_COLOURS[32]
+    responses = pd.DataFrame([{"model": "baseline", "layer_index": i, "std": 1.0} for i in range(31)])
+    fig7 = figures.response_figure(responses, [runs["baseline"][0].network])
+    assert fig7.axes[0].lines[0].get_linestyle() == "--"  # a plain net, whatever its name
+
+    with pytest.raises(ReproError, match="names the spec 'nowhere'"):
+        find_runs(tmp_path, read_suite(write_suite(tmp_path, {"tables": {"table6": ["nowhere"]}})))
+
+
+@pytest.mark.parametrize("spec, label", [
+    ("cifar10/plain20", "plain-20"), ("cifar10/resnet110", "ResNet-110"), ("imagenet/resnet34", "ResNet-34"),
+    ("imagenet/resnet34_B", "ResNet-34 B"), ("imagenet/resnet34_C", "ResNet-34 C"), ("imagenet/plain34", "plain-34"),
+])
+def test_labels_are_the_papers_names(spec, label):
+    assert Network.of(load_spec(EXPERIMENTS / f"{spec}.yaml")).label == label

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from repro.reports.runs import Run, curve_over_seeds, curve_runs, depth_of, display_name, IN_PROGRESS
+from repro.reports.runs import IN_PROGRESS, Network, Run, curve_over_seeds, curve_runs, label_of
 
 PANEL_SIZE = (3.3, 2.5)  # inches per panel: one column of a two-column paper, legend above the axes
 DPI = 200  # PNG resolution; the PDF is vector
@@ -52,8 +52,8 @@ class ErrorSeries:
     test: pd.DataFrame
 
 
-def colour_of(name: str) -> str:
-    return DEPTH_COLOURS.get(depth_of(name), OTHER_COLOUR)
+def colour_of(network: Network) -> str:
+    return DEPTH_COLOURS.get(network.model.depth, OTHER_COLOUR)
 
 
 def error_series(name: str, runs: list[Run]) -> ErrorSeries | None:
@@ -61,8 +61,9 @@ def error_series(name: str, runs: list[Run]) -> ErrorSeries | None:
     drawn = curve_runs(runs)
     if not drawn:
         return None
-    label = display_name(name) + (" (running)" if drawn[0].state == IN_PROGRESS else "")
-    return ErrorSeries(label, colour_of(name), curve_over_seeds(drawn, "train_error"),
+    network = drawn[0].network
+    label = network.label + (" (running)" if drawn[0].state == IN_PROGRESS else "")
+    return ErrorSeries(label, colour_of(network), curve_over_seeds(drawn, "train_error"),
                        curve_over_seeds(drawn, "test_error"))
 
 
@@ -119,8 +120,9 @@ def error_figure(panels: list[list[str]], runs_by_name: dict[str, list[Run]], *,
             ax.set_ylabel("error (%)")
             ax.grid(True, linewidth=0.3, alpha=0.5)
             if not series:
-                ax.text(0.5, 0.5, "not run:\n" + ", ".join(map(display_name, names)), ha="center",
-                        va="center", transform=ax.transAxes, color=OTHER_COLOUR)
+                not_run = ", ".join(label_of(n, runs_by_name) for n in names) or "none in the suite"
+                ax.text(0.5, 0.5, f"not run:\n{not_run}", ha="center", va="center", transform=ax.transAxes,
+                        color=OTHER_COLOUR)
                 continue
             # Above the axes, so that no curve is hidden: one entry per depth, then the two line styles.
             handles = [Line2D([], [], color=s.colour, linewidth=TEST_WIDTH) for s in series]
@@ -130,20 +132,21 @@ def error_figure(panels: list[list[str]], runs_by_name: dict[str, list[Run]], *,
     return figure
 
 
-def response_figure(responses: pd.DataFrame, names: list[str]) -> Figure | None:
+def response_figure(responses: pd.DataFrame, networks: list[Network]) -> Figure | None:
     """Fig. 7: each 3x3 layer's response std (averaged over seeds) in network order (top) and sorted
     in descending order (bottom). Plain nets dashed, ResNets solid, one colour per depth.
-    `responses` has columns model, layer_index, std. None when no listed network has responses."""
-    present = [n for n in names if (responses["model"] == n).any()]
+    `responses` has columns model (the spec name), layer_index, std (pooled over the layer's channels,
+    the reading the figure draws). None when none of `networks` has responses."""
+    present = [n for n in networks if (responses["model"] == n.spec).any()]
     if not present:
         return None
     with matplotlib.rc_context(STYLE):
         figure = Figure(figsize=(PANEL_SIZE[0], 2 * PANEL_SIZE[1]), layout="constrained")
         top, bottom = figure.subplots(2, 1)
-        for name in present:
-            stds = responses[responses["model"] == name].sort_values("layer_index")["std"].to_numpy()
-            style = {"color": colour_of(name), "linestyle": "--" if "_plain" in name else "-",
-                     "linewidth": 1.0, "label": display_name(name)}
+        for network in present:
+            stds = responses[responses["model"] == network.spec].sort_values("layer_index")["std"].to_numpy()
+            style = {"color": colour_of(network), "linestyle": "-" if network.model.residual else "--",
+                     "linewidth": 1.0, "label": network.label}
             top.plot(range(1, len(stds) + 1), stds, **style)
             bottom.plot(range(1, len(stds) + 1), sorted(stds, reverse=True), **style)
         for ax, xlabel in ((top, "layer index (original)"), (bottom, "layer index (sorted by magnitude)")):

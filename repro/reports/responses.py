@@ -1,44 +1,58 @@
 """Figure 7's numbers: the standard deviation of each 3x3 layer's response on the CIFAR-10 test set.
 
 A layer's response is its BN's output: after BN, before the ReLU and before the residual addition
-(Sec. 4.2, Fig. 7). Its std is taken over every element of that output across the whole test set, in
-one streaming pass that adds up the sum and the sum of squares in float64.
+(Sec. 4.2, Fig. 7). The paper does not say over what its std is taken, so it is read two ways from the
+same hooks, both over the whole test set: pooled over every element of every channel (`std`, which the
+figure and the claims use), and each channel's std averaged over the channels (`mean_channel_std`). One
+streaming pass adds up each channel's sum and sum of squares in float64; both readings follow from them.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import pandas as pd
 import torch
 from torch import nn
 
 from repro.checkpoint import load_run_model
+from repro.contract import CONFIG, atomic_write
 from repro.errors import ReproError
 from repro.models import response_layers
 from repro.reports.runs import Run, finished, find_runs, read_suite
 
 RESPONSES_CSV = "fig7_responses.csv"  # in <results>/tables/
-RESPONSE_COLUMNS = ["model", "seed", "layer_index", "layer", "std"]
+RESPONSE_COLUMNS = ["model", "seed", "layer_index", "layer", "std", "mean_channel_std"]
 BATCH_SIZE = 500  # test images per forward pass; changes memory only, not the result
 
 
+class LayerResponse(NamedTuple):
+    layer: str  # the BN's module name
+    std: float  # over every element of every channel (pooled): the reading Fig. 7 is drawn from
+    mean_channel_std: float  # each channel's std over its elements, averaged over the channels
+
+
+def _std(total: torch.Tensor, total_squares: torch.Tensor, count: int) -> torch.Tensor:
+    mean = total / count
+    # Rounding can leave a tiny negative variance for a constant response; it is zero.
+    return (total_squares / count - mean.square()).clamp(min=0).sqrt()
+
+
 @torch.no_grad()
-def layer_response_stds(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[tuple[str, float]]:
-    """(layer name, std of its response over all batches) for each 3x3 layer, in network order.
+def layer_response_stds(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[LayerResponse]:
+    """Both readings of the response std over all batches, for each 3x3 layer in network order.
     Runs the model as it is (a checkpoint loads in eval mode: BN uses its running statistics)."""
     layers = response_layers(model)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
-    squares = torch.zeros(len(layers), dtype=torch.float64)
-    counts = [0] * len(layers)
+    sums = [torch.zeros(bn.num_features, dtype=torch.float64) for _, bn in layers]  # per channel
+    squares = [torch.zeros(bn.num_features, dtype=torch.float64) for _, bn in layers]
+    counts = [0] * len(layers)  # elements per channel
 
     def accumulate(index: int):
         def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            values = output.detach().double()
-            sums[index] += values.sum().cpu()
-            squares[index] += values.square().sum().cpu()
-            counts[index] += values.numel()
+            values = output.detach().double().transpose(0, 1).flatten(1)  # channels x elements
+            sums[index] += values.sum(dim=1).cpu()
+            squares[index] += values.square().sum(dim=1).cpu()
+            counts[index] += values.shape[1]
         return hook
 
     handles = [bn.register_forward_hook(accumulate(i)) for i, (_, bn) in enumerate(layers)]
@@ -50,12 +64,9 @@ def layer_response_stds(model: nn.Module, batches: Iterable[torch.Tensor]) -> li
             handle.remove()
     if not counts or counts[0] == 0:
         raise ReproError("no images reached the network: the test set is empty")
-    stds = []
-    for (name, _), total, total_squares, count in zip(layers, sums.tolist(), squares.tolist(), counts):
-        mean = total / count
-        # Rounding can leave a tiny negative variance for a constant response; it is zero.
-        stds.append((name, math.sqrt(max(total_squares / count - mean * mean, 0.0))))
-    return stds
+    return [LayerResponse(name, _std(total.sum(), total_squares.sum(), count * len(total)).item(),
+                          _std(total, total_squares, count).mean().item())
+            for (name, _), total, total_squares, count in zip(layers, sums, squares, counts)]
 
 
 class _TestImages:
@@ -88,14 +99,14 @@ class _TestImages:
 def response_frame(runs: list[Run], data_root: str | None = None, *, device: str | torch.device = "cpu",
                    batch_size: int = BATCH_SIZE) -> pd.DataFrame:
     """One row per (run, 3x3 layer) for the final checkpoint of each run: model, seed, layer_index,
-    layer, std."""
+    layer, std, mean_channel_std."""
     test_images = _TestImages(data_root)
     rows = []
     for run in runs:
         model, config = load_run_model(run.path, device)
-        stds = layer_response_stds(model, test_images.batches(config, run.path / "config.yaml", batch_size, device))
-        rows += [{"model": run.name, "seed": run.seed, "layer_index": index, "layer": layer, "std": std}
-                 for index, (layer, std) in enumerate(stds)]
+        responses = layer_response_stds(model, test_images.batches(config, run.path / CONFIG, batch_size, device))
+        rows += [{"model": run.name, "seed": run.seed, "layer_index": index, **response._asdict()}
+                 for index, response in enumerate(responses)]
     return pd.DataFrame(rows, columns=RESPONSE_COLUMNS)
 
 
@@ -114,7 +125,8 @@ def compute_responses(results_dir: str | Path, suite_path: str | Path = "experim
                          f"and the fig7 entry of {suite.path}")
     path = Path(out_dir or results_dir) / "tables" / RESPONSES_CSV
     path.parent.mkdir(parents=True, exist_ok=True)
-    response_frame(runs, data_root, device=device, batch_size=batch_size).to_csv(path, index=False)
+    # in one step: a half-written CSV would stop every later report
+    atomic_write(path, response_frame(runs, data_root, device=device, batch_size=batch_size).to_csv(index=False))
     return path
 
 
@@ -123,7 +135,10 @@ def read_responses(path: str | Path) -> pd.DataFrame | None:
     path = Path(path)
     if not path.is_file():
         return None
-    frame = pd.read_csv(path)
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise ReproError(f"{path}: not a readable CSV ({error}); rerun `repro responses`") from None
     missing = [c for c in RESPONSE_COLUMNS if c not in frame.columns]
     if missing:
         raise ReproError(f"{path}: missing column(s) {', '.join(missing)}; rerun `repro responses`")
@@ -131,6 +146,8 @@ def read_responses(path: str | Path) -> pd.DataFrame | None:
 
 
 def mean_over_seeds(responses: pd.DataFrame) -> pd.DataFrame:
-    """Each layer's std averaged over the seeds of its model: model, layer_index, layer, std, seeds."""
-    grouped = responses.groupby(["model", "layer_index", "layer"], sort=False)["std"]
-    return grouped.agg(std="mean", seeds="count").reset_index()
+    """Each layer's stds (both readings) averaged over the seeds of its model: model, layer_index, layer,
+    std, mean_channel_std, seeds."""
+    grouped = responses.groupby(["model", "layer_index", "layer"], sort=False)
+    return grouped.agg(std=("std", "mean"), mean_channel_std=("mean_channel_std", "mean"),
+                       seeds=("std", "count")).reset_index()

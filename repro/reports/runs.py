@@ -2,7 +2,9 @@
 RESULTS/runs/<spec name>/seed<K>/ and their state, and statistics over seeds.
 
 Nothing here trains or writes. A run's state follows from its files: final.json says finished or
-diverged; metrics.csv without final.json is a run in progress (or killed); neither is not started.
+diverged; metrics.csv without final.json is a run in progress (or killed); neither is not started;
+a file that cannot be read makes the run damaged, which a report names and leaves out of every number.
+What a run trained (dataset, depth, plain or residual, shortcut) comes from its validated spec.
 """
 from __future__ import annotations
 
@@ -10,99 +12,56 @@ import json
 import math
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 import yaml
 
-from repro.errors import ReproError
+from repro.contract import CONFIG, FINAL, METRIC_COLUMNS, METRICS, run_path
+from repro.errors import ReproError, SpecError
+from repro.spec import ModelSpec, Spec, load_spec, validate
+from repro.suite.plan import Suite, read_suite, spec_index  # the one parser of the suite file, shared with run-all
 
 FINISHED, DIVERGED, IN_PROGRESS, NOT_STARTED = "finished", "diverged", "in progress", "not started"
+DAMAGED = "damaged"  # a file of the run folder cannot be read: the run is named and left out of every number
 
 # The metrics.csv columns a report reads (the run-folder contract has more).
 METRICS_COLUMNS = ("epoch", "iteration", "train_error", "test_error")
 
-_SEED_FOLDER = re.compile(r"seed(\d+)")
-_NAME = re.compile(r"(cifar|imagenet)_(plain|resnet)(\d+)(?:_(\w+))?")
+_SEED_FOLDER = re.compile(r"seed(\d+)")  # contract.run_path's last part
 
 
 @dataclass(frozen=True)
-class Suite:
-    """experiments/suite.yaml: seeds per dataset, and the spec names behind each figure and table."""
+class Network:
+    """What a spec trains, as the reports name, colour and count it: read from its validated spec,
+    never from its name."""
 
-    path: Path
-    seeds: dict[str, int]
-    figures: dict[str, list[str]]
-    tables: dict[str, list[str]]
-    extras: list[str] = field(default_factory=list)
+    spec: str  # the spec's name, which names its run folders
+    dataset: str  # cifar10 or imagenet
+    model: ModelSpec
 
-    def names(self) -> list[str]:
-        """Every spec the suite runs, once, in the order the suite lists them."""
-        listed = [n for names in (*self.figures.values(), *self.tables.values(), self.extras) for n in names]
-        return list(dict.fromkeys(listed))
+    @classmethod
+    def of(cls, spec: Spec) -> "Network":
+        return cls(spec.name, spec.data.dataset, spec.model)
 
-    def figure(self, key: str) -> list[str]:
-        return self.figures.get(key, [])
-
-    def table(self, key: str) -> list[str]:
-        return self.tables.get(key, [])
-
-    def seed_count(self, name: str) -> int:
-        return self.seeds.get(dataset_of(name), 1)
+    @property
+    def label(self) -> str:
+        """The paper's name: plain-20, ResNet-56; a projection shortcut is named, as Table 3 names
+        ResNet-34 B and C."""
+        if not self.model.residual:
+            return f"plain-{self.model.depth}"
+        return f"ResNet-{self.model.depth}" + ("" if self.model.shortcut == "A" else f" {self.model.shortcut}")
 
 
-def read_suite(path: str | Path, *, smoke: bool = False) -> Suite:
-    """The suite file; `smoke` takes the seed counts of its `smoke` section (the shrunk suite)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReproError(f"suite file {path} does not exist; pass --suite experiments/suite.yaml "
-                         "(or the path of your suite file)")
-    try:
-        mapping = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ReproError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(mapping, dict):
-        raise ReproError(f"{path}: a suite is a mapping with keys seeds, figures, tables, extras")
-
-    def section(key: str, kind: type) -> Any:
-        value = mapping.get(key) or kind()
-        if not isinstance(value, kind):
-            raise ReproError(f"{path}: {key}: expected a {kind.__name__}, got {type(value).__name__}")
-        return value
-
-    seeds = section("seeds", dict)
-    if smoke:
-        seeds = (mapping.get("smoke") or {}).get("seeds")
-        if not isinstance(seeds, dict):
-            raise ReproError(f"{path}: smoke: seeds: expected a mapping of dataset to seed count")
-    figures, tables = section("figures", dict), section("tables", dict)
-    for key, names in [*figures.items(), *tables.items()]:
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ReproError(f"{path}: {key}: expected a list of spec names, got {names!r}")
-    return Suite(path, dict(seeds), figures, tables, list(section("extras", list)))
-
-
-def dataset_of(name: str) -> str:
-    """The dataset a spec trains on, from its registry-style name (cifar_* or imagenet_*, vgg*)."""
-    return "cifar10" if name.startswith("cifar_") else "imagenet"
-
-
-def depth_of(name: str) -> int | None:
-    match = _NAME.fullmatch(name)
-    return int(match.group(3)) if match else None
-
-
-def display_name(name: str) -> str:
-    """The paper's way of naming a network: cifar_resnet56 -> ResNet-56, imagenet_resnet34_B ->
-    ResNet-34 B, cifar_plain20 -> plain-20. Names outside the pattern come back unchanged."""
-    match = _NAME.fullmatch(name)
-    if match is None:
-        return name
-    _, kind, depth, variant = match.groups()
-    label = f"{'ResNet' if kind == 'resnet' else 'plain'}-{depth}"
-    return f"{label} {variant}" if variant else label
+def config_network(name: str, config: Any, source: str) -> Network:
+    """The network a run's config.yaml describes. Only what a report reads is validated (the model and
+    data.dataset), so that a folder written before a speed switch was renamed still reads."""
+    model, data = (config.get(key) if isinstance(config, dict) else None for key in ("model", "data"))
+    if not isinstance(model, dict) or not isinstance(data, dict):
+        raise SpecError(f"{source}: expected the `model` and `data` mappings of a resolved spec")
+    return Network.of(validate({"name": name, "model": model, "data": {"dataset": data.get("dataset")}}, source))
 
 
 @dataclass(frozen=True)
@@ -111,9 +70,11 @@ class Run:
     seed: int
     path: Path
     state: str
+    network: Network | None = None  # read_run: its own config.yaml says; find_runs: the same for every seed
     metrics: pd.DataFrame | None = None  # metrics.csv, None before the first epoch ends
     final: dict[str, Any] | None = None  # final.json, None until the run ends
     config: dict[str, Any] | None = None  # config.yaml
+    problem: str | None = None  # DAMAGED: the file that cannot be read, and why
 
     @property
     def iterations(self) -> int:
@@ -128,75 +89,144 @@ class Run:
         return ((self.config or {}).get("optim") or {}).get("max_iters")
 
     def describe(self) -> str:
-        """finished / diverged / in progress (iteration k of N) / not started."""
+        """finished / diverged / in progress (iteration k of N) / damaged (why) / not started."""
         if self.state == IN_PROGRESS:
             total = f" of {self.max_iters:,}" if self.max_iters else ""
             return f"{IN_PROGRESS} (iteration {self.iterations:,}{total})"
         if self.state == DIVERGED:
             return f"{DIVERGED} at iteration {self.iterations:,}"
+        if self.state == DAMAGED:
+            return f"{DAMAGED} ({self.problem})"
         return self.state
 
     def final_value(self, key: str) -> float:
         """A number from final.json; a finished run without it is a broken run folder."""
         if self.final is None or key not in self.final:
-            raise ReproError(f"{self.path / 'final.json'}: no key {key!r}; the run folder is incomplete, "
+            raise ReproError(f"{self.path / FINAL}: no key {key!r}; the run folder is incomplete, "
                              "rerun the spec to rewrite it")
         return float(self.final[key])
 
-    def last_metric(self, column: str) -> float:
-        """The column's value in the last metrics.csv row (the final epoch)."""
-        if self.metrics is None or self.metrics.empty:
-            raise ReproError(f"{self.path / 'metrics.csv'}: no rows")
-        if column not in self.metrics:
-            raise ReproError(f"{self.path / 'metrics.csv'}: no column {column!r}")
-        return float(self.metrics[column].iloc[-1])
+    def last_full_epoch(self) -> pd.Series:
+        """The last metrics.csv row of a whole epoch. A last row with partial=1 covers an epoch cut short
+        by max_iters (64k iterations end 40 iterations, 5,120 images, into epoch 165): its running
+        training error says little, so the curves draw it and no claim reads it. A CSV written before
+        the `partial` column existed cannot say, and counts as whole epochs."""
+        metrics = self.metrics
+        if metrics is not None and "partial" in metrics:
+            metrics = metrics[metrics["partial"] == 0]
+        if metrics is None or metrics.empty:
+            raise ReproError(f"{self.path / METRICS}: no full epoch (the run ended at iteration "
+                             f"{self.iterations:,}, inside its first epoch); the claims read full epochs only")
+        return metrics.iloc[-1]
 
 
-def _read_metrics(path: Path) -> pd.DataFrame:
+def _read_config(path: Path, name: str) -> tuple[dict[str, Any] | None, Network | None]:
+    if not path.is_file():
+        return None, None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ReproError(f"{CONFIG}: not valid YAML ({str(error).strip()})") from None
+    return config, config_network(name, config, CONFIG)
+
+
+def _read_metrics(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
     try:
         metrics = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise ReproError(f"{path}: not a readable CSV ({error}); delete the run folder and rerun") from None
+        raise ReproError(f"{METRICS}: not a readable CSV ({str(error).strip()})") from None
     missing = [c for c in METRICS_COLUMNS if c not in metrics.columns]
     if missing:
-        raise ReproError(f"{path}: missing column(s) {', '.join(missing)}; expected the columns of the "
-                         "run-folder format (epoch, iteration, lr, train_loss, train_error, ...)")
+        raise ReproError(f"{METRICS}: no column {', '.join(missing)} (expected {', '.join(METRIC_COLUMNS)})")
+    not_numbers = [c for c in METRICS_COLUMNS if not pd.api.types.is_numeric_dtype(metrics[c])]
+    if not_numbers:
+        raise ReproError(f"{METRICS}: column {', '.join(not_numbers)} holds something other than numbers")
     return metrics
 
 
-def read_run(run_dir: str | Path, name: str, seed: int) -> Run:
-    path = Path(run_dir)
-    config_path, metrics_path, final_path = path / "config.yaml", path / "metrics.csv", path / "final.json"
+def _read_final(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
     try:
-        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
-    except yaml.YAMLError as error:
-        raise ReproError(f"{config_path}: not valid YAML ({error}); delete the run folder and rerun") from None
-    metrics = _read_metrics(metrics_path) if metrics_path.is_file() else None
-    if final_path.is_file():
-        try:
-            final = json.loads(final_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ReproError(f"{final_path}: not valid JSON ({error}); delete it and rerun the spec") from None
-        if not isinstance(final, dict) or final.get("status") not in (FINISHED, DIVERGED):
-            raise ReproError(f"{final_path}: expected a mapping whose status is {FINISHED!r} or "
-                             f"{DIVERGED!r}; delete it and rerun the spec")
-        return Run(name, seed, path, final["status"], metrics, final, config)
-    return Run(name, seed, path, IN_PROGRESS if metrics is not None else NOT_STARTED, metrics, None, config)
+        final = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ReproError(f"{FINAL}: not valid JSON ({error})") from None
+    if not isinstance(final, dict) or final.get("status") not in (FINISHED, DIVERGED):
+        raise ReproError(f"{FINAL}: expected a mapping whose status is {FINISHED!r} or {DIVERGED!r}")
+    if final["status"] == FINISHED and not isinstance(final.get("final_test_error"), (int, float)):
+        raise ReproError(f"{FINAL}: a finished run without its final_test_error")
+    return final
+
+
+def read_run(run_dir: str | Path, name: str, seed: int) -> Run:
+    """A run's state from its files. A file that cannot be read makes the run DAMAGED, with the reason on
+    one line: a report names it, leaves it out of every number and goes on with the others."""
+    path = Path(run_dir)
+    try:
+        config, network = _read_config(path / CONFIG, name)
+        metrics, final = _read_metrics(path / METRICS), _read_final(path / FINAL)
+    except ReproError as error:
+        return Run(name, seed, path, DAMAGED, problem=" ".join(str(error).split()))
+    if final is not None:
+        return Run(name, seed, path, final["status"], network, metrics, final, config)
+    return Run(name, seed, path, IN_PROGRESS if metrics is not None else NOT_STARTED, network, metrics, None, config)
+
+
+def spec_file_network(suite: Suite, spec_files: dict[str, Path], name: str) -> Network:
+    """The network of a spec as its file beside the suite defines it (experiments/<dataset>/*.yaml)."""
+    if name not in spec_files:
+        raise ReproError(f"{suite.path} names the spec {name!r}, but no run of it has a readable {CONFIG} "
+                         f"and no {suite.path.parent}/*/*.yaml has `name: {name}`")
+    return Network.of(load_spec(spec_files[name]))
 
 
 def find_runs(results_dir: str | Path, suite: Suite) -> dict[str, list[Run]]:
-    """Every run the suite expects, by spec name: seeds 0..K-1 (K from the suite's `seeds`, the
-    default seed of a spec being 0), plus any other seed folder found beside them. A run with no
-    folder is returned as not started."""
-    runs_root = Path(results_dir) / "runs"
+    """Every run the suite expects, by spec name: seeds 0..K-1 (K from the suite's `seeds` for the
+    spec's dataset), plus any other seed folder found beside them; a run with no folder is not started.
+
+    Every run of a spec carries the spec's Network: from the config.yaml of its first run that has a
+    readable one (what was trained), else from the spec file beside the suite (nothing has started)."""
+    results = Path(results_dir)
+    if not results.is_dir():
+        raise ReproError(f"results folder {results} does not exist; pass --results with the folder that "
+                         "holds runs/ (default: results)")
+    spec_files = spec_index(suite.path.parent)
     found = {}
     for name in suite.names():
-        seeds = set(range(suite.seed_count(name)))
-        folder = runs_root / name
-        if folder.is_dir():
-            seeds |= {int(m.group(1)) for p in folder.iterdir() if (m := _SEED_FOLDER.fullmatch(p.name))}
-        found[name] = [read_run(folder / f"seed{seed}", name, seed) for seed in sorted(seeds)]
+        folder = results / "runs" / name
+        started = [read_run(p, name, int(m.group(1))) for p in sorted(folder.iterdir())
+                   if (m := _SEED_FOLDER.fullmatch(p.name)) and p.is_dir()] if folder.is_dir() else []
+        network = next((r.network for r in started if r.network is not None), None)
+        network = network or spec_file_network(suite, spec_files, name)
+        seen = {r.seed for r in started}
+        waiting = [Run(name, seed, run_path(results, name, seed), NOT_STARTED)
+                   for seed in range(suite.seed_count(network.dataset)) if seed not in seen]
+        found[name] = sorted((replace(r, network=network) for r in started + waiting), key=lambda r: r.seed)
     return found
+
+
+def network_of(name: str, runs_by_name: dict[str, list[Run]]) -> Network | None:
+    """The network a spec trains, as find_runs read it; None for a spec the suite does not run."""
+    runs = runs_by_name.get(name)
+    return runs[0].network if runs else None
+
+
+def label_of(name: str, runs_by_name: dict[str, list[Run]]) -> str:
+    """The paper's name of a spec's network; the spec name for a spec the suite does not run."""
+    network = network_of(name, runs_by_name)
+    return network.label if network is not None else name
+
+
+def network_labels(suite: Suite, runs_by_name: dict[str, list[Run]]) -> dict[str, str]:
+    """Spec name -> the paper's name of its network, for the suite's specs (from their runs) and the other
+    specs beside the suite file (a claim may cite a network the suite does not run)."""
+    labels = {name: label_of(name, runs_by_name) for name in runs_by_name}
+    for name, path in spec_index(suite.path.parent).items():
+        if name not in labels:
+            labels[name] = Network.of(load_spec(path)).label
+    return labels
 
 
 def finished(runs: list[Run]) -> list[Run]:
@@ -204,8 +234,8 @@ def finished(runs: list[Run]) -> list[Run]:
 
 
 def not_counted(runs: list[Run]) -> list[Run]:
-    """Runs that exist but do not count toward a result: diverged or still in progress."""
-    return [r for r in runs if r.state in (DIVERGED, IN_PROGRESS)]
+    """Runs that exist but do not count toward a result: diverged, damaged or still in progress."""
+    return [r for r in runs if r.state in (DIVERGED, DAMAGED, IN_PROGRESS)]
 
 
 @dataclass(frozen=True)
@@ -227,30 +257,32 @@ def seed_stats(values: list[float]) -> SeedStats | None:
 
 
 def stats_over_seeds(runs: list[Run], value: Callable[[Run], float]) -> SeedStats | None:
-    """`value` over the finished runs only: diverged and unfinished runs never enter a statistic."""
+    """`value` over the finished runs only: diverged, damaged and unfinished runs never enter a statistic."""
     return seed_stats([value(r) for r in finished(runs)])
 
 
 def final_test_error(run: Run) -> float:
-    """The final-epoch test error (CIFAR) or center-crop validation error (ImageNet), never the best
-    epoch: choosing an epoch on the test set would flatter the result."""
+    """The test error (CIFAR) or center-crop validation error (ImageNet) of the final network, at
+    max_iters, on the whole test set; never the best epoch: choosing an epoch on the test set would
+    flatter the result."""
     return run.final_value("final_test_error")
 
 
 def final_train_error(run: Run) -> float:
-    """The running training error of the last epoch (the end of the paper's dashed curves)."""
-    return run.last_metric("train_error")
+    """The running training error of the last full epoch (the end of the paper's dashed curves)."""
+    return float(run.last_full_epoch()["train_error"])
 
 
 def curve_runs(runs: list[Run]) -> list[Run]:
     """The runs a figure draws: the finished ones, or, before any has finished, those in progress
     (to watch them). Diverged runs are never drawn."""
-    return finished(runs) or [r for r in runs if r.state == IN_PROGRESS and r.metrics is not None]
+    return finished(runs) or [r for r in runs if r.state == IN_PROGRESS and r.metrics is not None
+                              and not r.metrics.empty]
 
 
 def curve_over_seeds(runs: list[Run], column: str) -> pd.DataFrame:
     """Mean, min and max of a metrics.csv column over runs, per iteration (the runs of one spec share
-    their epoch ends). Columns: iteration, mean, low, high."""
+    their epoch ends), the last row of an epoch cut short included. Columns: iteration, mean, low, high."""
     rows = pd.concat([r.metrics[["iteration", column]] for r in runs if r.metrics is not None])
     grouped = rows.groupby("iteration")[column]
     return pd.DataFrame({"mean": grouped.mean(), "low": grouped.min(), "high": grouped.max()}).reset_index()

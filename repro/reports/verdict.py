@@ -2,12 +2,14 @@
 the figures, the tables and REPORT.md (claims, figures, tables, and the state of every expected run).
 
 A claim is NOT RUN until every network it names has a finished run; it never passes on part of its
-evidence. Numbers are final-epoch errors (never the best epoch), means over the finished seeds.
+evidence. Numbers are means over the finished seeds of the final network's test error (never the best
+epoch) or of the training error of the last full epoch (WHAT_IS_READ says so in REPORT.md).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,8 +19,8 @@ from repro import paper
 from repro.reports import figures, summaries
 from repro.reports.responses import RESPONSES_CSV, mean_over_seeds, read_responses
 from repro.reports.runs import (
-    Run, SeedStats, Suite, display_name, final_test_error, final_train_error, find_runs,
-    read_suite, seed_stats, stats_over_seeds,
+    DAMAGED, Run, SeedStats, Suite, final_test_error, final_train_error, find_runs, label_of, network_labels,
+    network_of, read_suite, seed_stats, stats_over_seeds,
 )
 
 PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT RUN"
@@ -51,49 +53,52 @@ class Claim:
 
 Evidence = dict[str, SeedStats | None]  # spec name -> its number over seeds, None when not run
 WhyMissing = Callable[[list[str]], str]  # what to say about the networks a claim lacks
+Labels = dict[str, str]  # spec name -> the paper's name of its network (runs.network_labels)
 
 
-def _quoted(name: str, stats: SeedStats) -> str:
-    return f"{display_name(name)} {stats.mean:.2f} (n={stats.n})"
+def _quoted(label: str, stats: SeedStats) -> str:
+    return f"{label} {stats.mean:.2f} (n={stats.n})"
 
 
-def runs_missing(runs_by_name: dict[str, list[Run]]) -> WhyMissing:
+def runs_missing(runs_by_name: dict[str, list[Run]], labels: Labels) -> WhyMissing:
     """Each network without a finished run, with the states of its runs."""
     def why(names: list[str]) -> str:
         parts = []
         for name in names:
             states = pd.Series([r.describe() for r in runs_by_name.get(name, [])], dtype=object)
             counts = ", ".join(f"{n} {state}" for state, n in states.value_counts(sort=False).items())
-            parts.append(f"{display_name(name)} ({counts or 'not in the suite'})")
+            parts.append(f"{labels.get(name, name)} ({counts or 'not in the suite'})")
         return "no finished run of " + "; ".join(parts)
     return why
 
 
-def responses_missing(names: list[str]) -> str:
-    return (f"no responses of {', '.join(map(display_name, names))} in tables/{RESPONSES_CSV}: run "
-            "`repro responses` once their runs have finished")
+def responses_missing(labels: Labels) -> WhyMissing:
+    def why(names: list[str]) -> str:
+        return (f"no responses of {', '.join(labels.get(n, n) for n in names)} in tables/{RESPONSES_CSV}: "
+                "run `repro responses` once their runs have finished")
+    return why
 
 
 def order_claim(text: str, source: str, names: list[str], evidence: Evidence, why_missing: WhyMissing,
-                *, decreasing: bool) -> Claim:
+                labels: Labels, *, decreasing: bool) -> Claim:
     """PASS when the means strictly decrease (or increase) along `names`. The evidence writes the
     relation that actually holds between each neighbouring pair."""
     missing = [n for n in names if evidence.get(n) is None]
     if missing:
         return Claim(text, source, NOT_RUN, why_missing(missing))
-    holds, line = True, _quoted(names[0], evidence[names[0]])
+    holds, line = True, _quoted(labels.get(names[0], names[0]), evidence[names[0]])
     for before, after in zip(names, names[1:]):
         a, b = evidence[before].mean, evidence[after].mean
         pair_holds = a > b if decreasing else a < b
         holds &= pair_holds
         relation = (">" if pair_holds else "≤") if decreasing else ("<" if pair_holds else "≥")
-        line += f" {relation} {_quoted(after, evidence[after])}"
+        line += f" {relation} {_quoted(labels.get(after, after), evidence[after])}"
     return Claim(text, source, PASS if holds else FAIL, line)
 
 
 def tolerance_claim(name: str, metric: str, source: str, stats: SeedStats | None, paper_value: float,
-                    tolerance: float, why_missing: WhyMissing) -> Claim:
-    text = f"{display_name(name)} {metric} within ±{tolerance} pp of the paper's {paper_value:.2f}"
+                    tolerance: float, why_missing: WhyMissing, labels: Labels) -> Claim:
+    text = f"{labels.get(name, name)} {metric} within ±{tolerance} pp of the paper's {paper_value:.2f}"
     if stats is None:
         return Claim(text, source, NOT_RUN, why_missing([name]))
     difference = stats.mean - paper_value
@@ -110,56 +115,72 @@ def _over_seeds(names: list[str], runs_by_name: dict[str, list[Run]], value: Cal
     return {n: stats_over_seeds(runs_by_name.get(n, []), value) for n in names}
 
 
-def response_evidence(responses: pd.DataFrame | None) -> Evidence:
-    """Per network: the mean over its layers of the response std, per seed, then over the seeds."""
+def response_evidence(responses: pd.DataFrame | None, column: str = "std") -> Evidence:
+    """Per network: the mean over its layers of one reading of the response std (`std`, pooled, or
+    `mean_channel_std`), per seed, then over the seeds."""
     if responses is None or responses.empty:
         return {}
-    per_seed = responses.groupby(["model", "seed"])["std"].mean()
+    per_seed = responses.groupby(["model", "seed"])[column].mean()
     return {model: seed_stats(list(values)) for model, values in per_seed.groupby(level="model")}
+
+
+def response_claim(text: str, names: list[str], responses: pd.DataFrame | None, labels: Labels) -> Claim:
+    """A Fig. 7 claim (smaller responses along `names`), judged on the pooled std that the figure draws.
+    The paper does not say which std it plots, so the evidence also says whether the order holds for the
+    mean of per-channel stds."""
+    why = responses_missing(labels)
+    pooled = order_claim(text, "Fig. 7", names, response_evidence(responses), why, labels, decreasing=True)
+    if pooled.verdict == NOT_RUN:
+        return pooled
+    per_channel = order_claim(text, "Fig. 7", names, response_evidence(responses, "mean_channel_std"), why,
+                              labels, decreasing=True)
+    outcome = "holds too" if per_channel.verdict == PASS else "does not hold"
+    return replace(pooled, evidence=f"{pooled.evidence}; mean of per-channel stds: {per_channel.evidence} "
+                                    f"(the order {outcome})")
 
 
 def evaluate_claims(suite: Suite, runs_by_name: dict[str, list[Run]],
                     responses: pd.DataFrame | None) -> list[Claim]:
     """The paper's qualitative claims, then one line per reproduced number against the paper's."""
-    missing = runs_missing(runs_by_name)
+    labels = network_labels(suite, runs_by_name)
+    missing = runs_missing(runs_by_name, labels)
     train = _over_seeds(["cifar_plain20", "cifar_plain56", "imagenet_plain18", "imagenet_plain34"],
                         runs_by_name, final_train_error)
     test = _over_seeds(list(paper.TABLE6_TEST_ERROR), runs_by_name, final_test_error)  # every CIFAR ResNet
     imagenet_names = summaries.imagenet_names(suite, "table2") + summaries.imagenet_names(suite, "table3")
     top1 = _over_seeds(list(dict.fromkeys(imagenet_names + list(paper.TABLE2_TOP1_ERROR))), runs_by_name,
                        ten_crop_top1_error)
-    response = response_evidence(responses)
 
     claims = [
         order_claim("Deeper plain nets have higher final training error on CIFAR-10",
-                    "Sec. 4.2, Fig. 6 left", ["cifar_plain20", "cifar_plain56"], train, missing, decreasing=False),
+                    "Sec. 4.2, Fig. 6 left", ["cifar_plain20", "cifar_plain56"], train, missing, labels,
+                    decreasing=False),
         order_claim("Deeper plain nets have higher final training error on ImageNet",
-                    "Sec. 4.1, Fig. 4 left", ["imagenet_plain18", "imagenet_plain34"], train, missing,
+                    "Sec. 4.1, Fig. 4 left", ["imagenet_plain18", "imagenet_plain34"], train, missing, labels,
                     decreasing=False),
         order_claim("Deeper ResNets have lower test error on CIFAR-10", "Table 6, Fig. 6 middle",
-                    CIFAR_RESNETS, test, missing, decreasing=True),
+                    CIFAR_RESNETS, test, missing, labels, decreasing=True),
         order_claim("Deeper ResNets have lower 10-crop top-1 error on ImageNet", "Table 2, Fig. 4 right",
-                    ["imagenet_resnet18", "imagenet_resnet34"], top1, missing, decreasing=True),
+                    ["imagenet_resnet18", "imagenet_resnet34"], top1, missing, labels, decreasing=True),
         order_claim("ResNet-34 beats plain-34 (10-crop top-1 error)", "Table 2",
-                    ["imagenet_plain34", "imagenet_resnet34"], top1, missing, decreasing=True),
+                    ["imagenet_plain34", "imagenet_resnet34"], top1, missing, labels, decreasing=True),
         order_claim("ResNet-1202 overfits: higher test error than ResNet-110", "Sec. 4.2, Table 6",
-                    ["cifar_resnet110", "cifar_resnet1202"], test, missing, decreasing=False),
-        order_claim("Deeper ResNets have smaller layer responses (mean std over layers)", "Fig. 7",
-                    ["cifar_resnet20", "cifar_resnet56", "cifar_resnet110"], response, responses_missing,
-                    decreasing=True),
-        *[order_claim(f"ResNet-{d} has smaller layer responses than plain-{d}", "Fig. 7",
-                      [f"cifar_plain{d}", f"cifar_resnet{d}"], response, responses_missing, decreasing=True)
+                    ["cifar_resnet110", "cifar_resnet1202"], test, missing, labels, decreasing=False),
+        response_claim("Deeper ResNets have smaller layer responses (mean std over layers)",
+                       ["cifar_resnet20", "cifar_resnet56", "cifar_resnet110"], responses, labels),
+        *[response_claim(f"ResNet-{d} has smaller layer responses than plain-{d}",
+                         [f"cifar_plain{d}", f"cifar_resnet{d}"], responses, labels)
           for d in (20, 56)],
     ]
     claims += [tolerance_claim(n, "test error", "Table 6", test[n], paper.TABLE6_TEST_ERROR[n], CIFAR_TOLERANCE,
-                               missing)
+                               missing, labels)
                for n in suite.table("table6") if n in paper.TABLE6_TEST_ERROR]
     for name in dict.fromkeys(imagenet_names):
         paper_top1, _ = summaries.paper_imagenet_errors(name)
         if paper_top1 is not None:
             source = "Table 2" if name in paper.TABLE2_TOP1_ERROR else "Table 3"
             claims.append(tolerance_claim(name, "10-crop top-1 error", source, top1[name], paper_top1,
-                                          IMAGENET_TOLERANCE, missing))
+                                          IMAGENET_TOLERANCE, missing, labels))
     return claims
 
 
@@ -176,7 +197,23 @@ ERROR_FIGURES = (
 )
 FIG7_CAPTION = ("Standard deviation of the layer responses (after BN, before ReLU and addition) on the "
                 "CIFAR-10 test set, averaged over seeds: layers in network order (top) and sorted by magnitude "
-                "(bottom). Plain nets dashed, ResNets solid.")
+                "(bottom). Plain nets dashed, ResNets solid. The std is pooled over every element of every "
+                "channel of a layer; the paper does not say which std it plots, so "
+                f"tables/{RESPONSES_CSV} also holds the mean of per-channel stds (mean_channel_std), and "
+                "each Fig. 7 claim says whether its order holds for that reading too.")
+# Which numbers the claims and tables read (issue: a last epoch cut short by max_iters).
+WHAT_IS_READ = (
+    "**Which numbers are read.** Test errors are those of the final network, after the last iteration, on "
+    "the whole test set (final.json), never those of the best epoch. Training errors, which the plain-net "
+    "claims compare, are the running training error of the last full epoch: the last metrics.csv row with "
+    "partial=0. The row of an epoch cut short by max_iters (64k iterations end 40 iterations into an "
+    "epoch) is drawn in the curves but read by no claim or table."
+)
+DAMAGED_NOTE = (
+    "A damaged run is named with the file that cannot be read. It is left out of every number, and its "
+    "folder is left as it is: restore that file, or start the run over with `repro train SPEC --seed K "
+    "--restart`, which keeps the damaged folder under another name."
+)
 
 
 def _figure_section(title: str, caption: str, figure, out: Path, stem: str, not_run: str) -> str:
@@ -193,7 +230,8 @@ def _runs_section(suite: Suite, runs_by_name: dict[str, list[Run]]) -> str:
         return "The suite lists no runs.\n"
     counts = pd.Series([r.state for r in runs]).value_counts()
     frame = pd.DataFrame([{"Run": r.name, "Seed": r.seed, "State": r.describe()} for r in runs])
-    return (", ".join(f"{n} {state}" for state, n in counts.items()) + ".\n\n"
+    damaged = f"{DAMAGED_NOTE}\n\n" if DAMAGED in counts else ""
+    return (", ".join(f"{n} {state}" for state, n in counts.items()) + ".\n\n" + damaged
             + frame.to_markdown(index=False) + "\n")
 
 
@@ -206,6 +244,9 @@ def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/s
     out = Path(out_dir) if out_dir is not None else results
     suite = read_suite(suite_path, smoke=smoke)
     runs_by_name = find_runs(results, suite)
+    for run in (r for runs in runs_by_name.values() for r in runs if r.state == DAMAGED):
+        print(f"warning: {run.path} is damaged ({run.problem}); it is left out of the report's numbers",
+              file=sys.stderr)
     responses = read_responses(results / "tables" / RESPONSES_CSV)
     claims = evaluate_claims(suite, runs_by_name, responses)
 
@@ -213,13 +254,14 @@ def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/s
     for stem, title, caption, keys, style in ERROR_FIGURES:
         panels = [suite.figure(k) for k in keys]
         figure = figures.error_figure(panels, runs_by_name, **style)
-        names = ", ".join(display_name(n) for names in panels for n in names)
+        names = ", ".join(label_of(n, runs_by_name) for names in panels for n in names)
         figure_sections.append(_figure_section(title, caption, figure, out, stem,
                                                f"No finished or running run of {names or 'any network'}."))
     fig7_names = suite.figure("fig7")
-    fig7 = None if responses is None else figures.response_figure(mean_over_seeds(responses), fig7_names)
+    fig7_networks = [network_of(n, runs_by_name) for n in fig7_names]
+    fig7 = None if responses is None else figures.response_figure(mean_over_seeds(responses), fig7_networks)
     figure_sections.append(_figure_section("Figure 7", FIG7_CAPTION, fig7, out, "fig7",
-                                           responses_missing(fig7_names)))
+                                           responses_missing(network_labels(suite, runs_by_name))(fig7_names)))
 
     tables = _write_tables(suite, runs_by_name, out / "tables")
     complexity = results / "tables" / "complexity.md"
@@ -231,8 +273,10 @@ def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/s
     report = "\n".join([
         "# Reproduction report: Deep Residual Learning for Image Recognition (He et al. 2015)\n",
         f"Made by `repro report` from the run folders in `{results}` and the suite `{suite.path}`. "
-        "Errors are final-epoch errors in percent, mean over the finished seeds (n of them); runs that "
-        "diverged or are still going never enter a number.\n",
+        "Errors are in percent, mean over the finished seeds (n of them); runs that diverged, are damaged "
+        "or are still going never enter a number.\n",
+        WHAT_IS_READ + "\n",
+        summaries.PAPER_RUNS_NOTE + "\n",
         f"Tolerances on the distance to the paper's error (ours, not the paper's): {TOLERANCES_TEXT}.\n",
         *(["**Smoke suite**: every run trained for a few iterations on generated data to show that the "
             "pipeline works end to end. Its numbers say nothing about the paper; a FAIL here is expected.\n"]
