@@ -17,45 +17,35 @@ from repro.paper import CIFAR_LR_MILESTONES, CIFAR_MAX_ITERS
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: pydantic accepts nan and inf as floats; in a rate or a threshold they are typos
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Section):
+    """The network; repro/models/networks.py holds the rules of each (arch, block) and builds it."""
+
     arch: Literal["cifar", "imagenet"] = "cifar"
     depth: int = 20
+    # The unit stacked in each stage, an entry of repro/models/networks.py: basic or bottleneck. None: the
+    # paper's, basic on CIFAR (Sec. 4.2), on ImageNet basic up to 34 layers and bottleneck from 50 (Table 1).
+    block: Optional[str] = None
     residual: bool = True  # False gives the plain net: the same layers without shortcuts
-    shortcut: Literal["A", "B", "C"] = "A"  # A: zero-padding identity (Sec. 4.2, Table 2); B/C: Sec. 3.3
+    shortcut: str = "A"  # A: zero-padding identity (Sec. 4.2, Table 2); B/C: projections (Sec. 3.3)
     bottleneck_stride: Literal["v1", "v1.5"] = "v1"  # v1: stride on the first 1x1 conv, as the paper's model
     sync_bn: bool = False  # the paper's BN statistics are per GPU; True syncs them across processes
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
-        from repro.models import cifar, imagenet
+        from repro.models.networks import check  # imports torch: when a spec is validated, not on import
 
-        if self.arch == "cifar":
-            try:
-                cifar.blocks_per_stage(self.depth)
-            except ValueError as error:
-                raise ValueError(f"depth: {error}") from None
-            if self.shortcut != "A":
-                raise ValueError("shortcut: the paper's CIFAR ResNets use option A (Sec. 4.2)")
-        elif self.depth not in imagenet.STAGES:
-            raise ValueError(f"depth: ImageNet depth must be one of {', '.join(map(str, imagenet.STAGES))} "
-                             f"(Table 1), got {self.depth}")
+        check(self)
         return self
-
-    @property
-    def registry_name(self) -> str:
-        from repro.models import model_name
-
-        return model_name(self.arch, self.depth, self.residual)
 
     def build(self):
         """The He-initialised network this section describes."""
-        from repro.models import build_model
+        from repro.models.networks import build
 
-        return build_model(self.registry_name, shortcut=self.shortcut if self.residual else None,
-                           bottleneck_stride=self.bottleneck_stride)
+        return build(self)
 
 
 class DataSpec(_Section):
@@ -66,14 +56,15 @@ class DataSpec(_Section):
     validation_split: bool = False  # CIFAR-10: train on 45k, test on the 5k held out (Sec. 4.2)
     workers: int = 8  # ImageNet: data-loader processes per training process
     mean_sample_size: int = 10_000  # ImageNet: training crops averaged for the per-pixel mean
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # ImageNet: decode+augment in CPU workers or on the GPU; auto: cpu
     eval_batch_size: int = 500  # images per evaluation step; does not change any result
 
 
 class OptimSpec(_Section):
     batch_size: int = 128  # images per iteration, all processes together (Sec. 4.2; 256 on ImageNet)
     lr: float = 0.1  # Sec. 4.2 / 3.4
-    momentum: float = 0.9  # Sec. 3.4
-    weight_decay: float = 1e-4  # Sec. 3.4; applied to every parameter, BN included (the paper is silent)
+    momentum: float = Field(0.9, ge=0, lt=1)  # Sec. 3.4
+    weight_decay: float = Field(1e-4, ge=0)  # Sec. 3.4; applied to every parameter, BN included (the paper is silent)
     nesterov: bool = False  # the paper uses plain momentum SGD
     max_iters: int = CIFAR_MAX_ITERS  # 64k on CIFAR (Sec. 4.2), up to 60e4 on ImageNet (Sec. 3.4)
     lr_schedule: Literal["milestones", "plateau"] = "milestones"
@@ -98,6 +89,8 @@ class OptimSpec(_Section):
             raise ValueError(f"lr_factor must lie in (0, 1), got {self.lr_factor}")
         if self.lr_milestones != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
             raise ValueError(f"lr_milestones must be strictly increasing positive iterations, got {self.lr_milestones}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: Nesterov momentum needs a momentum above 0")
         if self.warmup_window < 1 or self.warmup_max_iters < 1:
             raise ValueError("warmup_window and warmup_max_iters must be at least 1 iteration")
         return self
@@ -142,13 +135,33 @@ class EvalSpec(_Section):
     final: list[Literal["ten_crop"]] = []  # ImageNet: the 10-crop test of Table 2 (Sec. 3.4)
 
 
+class FinetuneSpec(_Section):
+    """A run that starts from a trained network with a new head (`repro finetune`, repro/reuse/). Written
+    by the command, which checks the paths; experiments/finetune/ holds the recipe's defaults."""
+
+    source: str  # absolute path: a finished run folder of this suite, or a torchvision ResNet state_dict file
+    source_format: Literal["run", "torchvision"] = "run"
+    # run: the ImageNet root the source trained on, whose cached per-pixel mean is the input its network expects
+    source_data: Optional[str] = None
+    strategy: Literal["head", "last_stage", "all"] = "head"  # which weights train: fc; conv5_x and fc; all
+    freeze_bn: bool = False  # BN statistics and affine parameters fixed, as the paper's detection fine-tuning
+    classes: list[str]  # the dataset's class folders in index order; the new FC layer has one output each
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneSpec":
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes: at least 2 distinct class names, got {self.classes}")
+        return self
+
+
 class Spec(_Section):
     name: str
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = Field(default_factory=ModelSpec)  # built when a spec is: importing this module needs no torch
     data: DataSpec = DataSpec()
     optim: OptimSpec = OptimSpec()
     run: RunSpec = RunSpec()
     eval: EvalSpec = EvalSpec()
+    finetune: Optional[FinetuneSpec] = None  # None: trained from He initialisation (every spec of the paper)
     seed: int = Field(0, ge=0)  # seeds the He initialisation, the data order and the augmentation
 
     @model_validator(mode="after")
@@ -171,14 +184,22 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise SpecError(f"{chain[-1] if chain else path}: spec file {path} does not exist")
     try:
-        mapping = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file; a spec is YAML") from None
+    except OSError as error:
+        raise SpecError(f"{path}: cannot be read ({error.strerror})") from None
+    try:
+        mapping = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
+        raise SpecError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(mapping, dict):
         raise SpecError(f"{path}: a spec is a mapping of keys, got {type(mapping).__name__}")
     base = mapping.pop("base", None)
     if base is None:
         return mapping
+    if not isinstance(base, str) or not base:
+        raise SpecError(f"{path}: base: expected the path of a spec file, relative to this one, got {base!r}")
     return merge(_read_yaml((path.parent / base).resolve(), chain + (path,)), mapping)
 
 
@@ -194,18 +215,38 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_overrides(assignments: list[str], where: str = "--set") -> dict[str, Any]:
-    """`["optim.lr=0.05", "run.device=cpu"]` -> nested mapping; values are parsed as YAML."""
+    """`["optim.lr=0.05", "run.device=cpu"]` -> nested mapping; values are parsed as YAML. A later
+    assignment of the same key wins; one that contradicts an earlier one (`optim=5` and `optim.lr=0.1`)
+    is an error."""
     result: dict[str, Any] = {}
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
-        if not sep or not key:
-            raise SpecError(f"{where}: expected KEY=VALUE, got {assignment!r}")
-        *parents, leaf = key.split(".")
+        *parents, leaf = parts = key.split(".")
+        if not sep or not all(parts):
+            raise SpecError(f"{where}: expected KEY=VALUE with a dotted KEY such as optim.lr, got {assignment!r}")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as error:
+            raise SpecError(f"{where}: {key}: the value {text!r} is not valid YAML: {_yaml_problem(error)}") from None
         node = result
-        for part in parents:
+        for depth, part in enumerate(parents, start=1):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(text) if text else None
+            if not isinstance(node, dict):
+                raise SpecError(f"{where}: {key}: an earlier assignment set {'.'.join(parts[:depth])} to {node!r}, "
+                                "which has no keys")
+        if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
+            raise SpecError(f"{where}: {key}: {value!r} would replace the keys below {key} that an earlier "
+                            "assignment set")
+        node[leaf] = merge(node[leaf], value) if isinstance(node.get(leaf), dict) else value
     return result
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: what is wrong and where."""
+    mark = getattr(error, "problem_mark", None)
+    if getattr(error, "problem", None) and mark is not None:
+        return f"{error.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())
 
 
 def validate(mapping: dict[str, Any], source: str) -> Spec:
@@ -213,12 +254,17 @@ def validate(mapping: dict[str, Any], source: str) -> Spec:
     try:
         return Spec.model_validate(_floats_from_scientific(mapping))
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            key = ".".join(str(part) for part in item["loc"])
-            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
-            problems.append(f"{source}: {key}: {message}" if key else f"{source}: {message}")
-        raise SpecError("\n".join(problems)) from None
+        raise SpecError(describe(error, source)) from None
+
+
+def describe(error: ValidationError, source: str) -> str:
+    """One line per problem: `source: dotted.key: message`."""
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        problems.append(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+    return "\n".join(problems)
 
 
 def _floats_from_scientific(value: Any) -> Any:
@@ -236,9 +282,18 @@ def _floats_from_scientific(value: Any) -> Any:
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
-    """Read, merge with its base files and `overrides`, and validate a spec file."""
+    """Read, merge with its base files and `overrides`, and validate a spec file to train.
+
+    A spec to train must also reach its milestones: a shortened run that keeps the full run's (`--set
+    optim.max_iters=1000` alone) would never divide the lr. A run folder's config.yaml, a record of what
+    was trained, is read with `validate` alone, so that older records stay readable."""
     path = Path(path).resolve()
     mapping = _read_yaml(path)
     if overrides:
         mapping = merge(mapping, overrides)
-    return validate(mapping, str(path))
+    spec = validate(mapping, str(path))
+    late = [m for m in spec.optim.lr_milestones if m >= spec.optim.max_iters]
+    if spec.optim.lr_schedule == "milestones" and late:
+        raise SpecError(f"{path}: optim.lr_milestones: {late} lie at or beyond optim.max_iters {spec.optim.max_iters}, "
+                        "where they would never divide the lr; give a shorter run earlier milestones, or [] for none")
+    return spec

@@ -1,6 +1,7 @@
 """CIFAR-10 reading, the generated stand-in, and the augmentation of Sec. 4.2 with its statistics."""
 import hashlib
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 
 from repro.data import cifar
 from repro.data.cifar import (CIFAR_DIRNAME, CifarArrays, CifarBatches, augment, crop_flip_params, load_cifar10,
-                              normalize, pixel_mean, split_validation, write_cifar10)
+                              normalize, pixel_mean, split_validation)
+from repro.data.generated import write_cifar10
 from repro.errors import DataError
 
 N_TRAIN, N_TEST = 503, 100  # 503 does not split evenly over five batches
@@ -107,14 +109,45 @@ def test_missing_data_names_the_paths_and_how_to_get_it(folder, tmp_path):
         load_cifar10(copy, verify_checksums=False)
 
 
-def test_a_corrupt_batch_is_a_data_error(folder, tmp_path):
+def a_copy(folder, tmp_path):
     copy = tmp_path / CIFAR_DIRNAME
     copy.mkdir()
     for path in folder.iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
+    return copy
+
+
+def test_a_corrupt_batch_is_a_data_error(folder, tmp_path):
+    copy = a_copy(folder, tmp_path)
     (copy / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="test_batch is not a CIFAR-10 python batch"):
         load_cifar10(copy, verify_checksums=False)
+
+
+def rewrite_batch(path, key, change):
+    batch = unpickle(path)
+    batch[key] = change(batch[key])
+    with open(path, "wb") as handle:
+        pickle.dump(batch, handle, protocol=2)
+
+
+@pytest.mark.parametrize("key, change, message", [
+    (b"data", lambda data: data / 255, "b'data' holds float64 values"),  # a rescaled copy
+    (b"data", lambda data: data.astype(np.int16) + 100, "b'data' holds values from 100 to 355"),
+    (b"labels", lambda labels: [label + 0.5 for label in labels], "b'labels' holds float64 values"),
+    (b"labels", lambda labels: [label + 10 for label in labels], "b'labels' holds values from 10 to 19"),
+], ids=["float_pixels", "pixels_over_255", "float_labels", "labels_over_9"])
+def test_values_a_cast_would_change_are_refused(folder, tmp_path, key, change, message):
+    copy = a_copy(folder, tmp_path)
+    rewrite_batch(copy / "data_batch_2", key, change)
+    with pytest.raises(DataError, match=re.escape(f"{copy / 'data_batch_2'}: {message}; a CIFAR-10 batch holds")):
+        load_cifar10(copy, verify_checksums=False)
+
+
+def test_wider_integers_in_range_load_as_the_same_images(folder, arrays, tmp_path):
+    copy = a_copy(folder, tmp_path)
+    rewrite_batch(copy / "data_batch_2", b"data", lambda data: data.astype(np.int64))
+    assert torch.equal(load_cifar10(copy, verify_checksums=False).train_images, arrays.train_images)
 
 
 def test_validation_split_is_45k_5k_disjoint_and_seeded():
@@ -280,3 +313,39 @@ def test_a_batch_larger_than_the_training_set_is_a_data_error(arrays):
     mean = pixel_mean(arrays.train_images)
     with pytest.raises(DataError, match="batch size of 1000"):
         CifarBatches(arrays.train_images, arrays.train_labels, mean, 1000, train=True, device="cpu")
+
+
+# ---- repro make-data -------------------------------------------------------------------------
+
+def make_data(*arguments: str) -> int:
+    """`repro make-data ...` in this process: its exit code, argparse's refusals included."""
+    from repro.cli import main
+
+    try:
+        return main(["make-data", *arguments])
+    except SystemExit as stop:
+        return stop.code
+
+
+def test_make_data_never_overwrites_a_dataset_without_force(tmp_path, capsys):
+    batch = tmp_path / CIFAR_DIRNAME / "data_batch_1"
+    assert make_data("cifar10", "--out", str(tmp_path), "--train", "20", "--test", "10") == 0
+    before = batch.read_bytes()
+    assert make_data("cifar10", "--out", str(tmp_path), "--train", "20", "--test", "10", "--seed", "1") == 2
+    assert f"{tmp_path / CIFAR_DIRNAME} already exists" in capsys.readouterr().err
+    assert batch.read_bytes() == before
+    assert make_data("cifar10", "--out", str(tmp_path), "--train", "20", "--test", "10", "--seed", "1", "--force") == 0
+    assert batch.read_bytes() != before
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["cifar10", "--train", "-5"], "argument --train: expected a whole number of at least 1, got '-5'"),
+    (["cifar10", "--test", "0"], "argument --test: expected a whole number of at least 1"),
+    (["imagenet", "--classes", "0"], "argument --classes: expected a whole number of at least 1"),
+    (["imagenet", "--val", "2.5"], "argument --val: expected a whole number of at least 1"),
+    (["cifar10", "--classes", "3"], "--classes does not apply to cifar10, which takes --train, --test"),
+], ids=["negative", "zero", "no_classes", "fraction", "not_an_option"])
+def test_make_data_refuses_impossible_counts_and_writes_nothing(tmp_path, capsys, arguments, message):
+    assert make_data(*arguments, "--out", str(tmp_path / "out")) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -153,7 +153,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(reference, data,
 
 
 def test_non_finite_loss_marks_the_run_diverged_and_keeps_the_csv(data, tmp_path):
-    done = train(tmp_path, data, "optim.lr=1.0e+30", "optim.max_iters=16")
+    done = train(tmp_path, data, "optim.lr=1.0e+30", "optim.max_iters=16", "optim.lr_milestones=[]")
     assert done.returncode == EXIT_DIVERGED, done.stdout + done.stderr
     final = json.loads((run_dir(tmp_path) / "final.json").read_text())
     assert final["status"] == "diverged"
@@ -163,7 +163,7 @@ def test_non_finite_loss_marks_the_run_diverged_and_keeps_the_csv(data, tmp_path
 def test_warmup_switches_back_to_the_full_rate(data, tmp_path):
     spec = ROOT / "experiments" / "cifar10" / "resnet110.yaml"  # warm-up 0.01 until error < 80%
     done = train(tmp_path, data, "optim.warmup_window=4", "optim.warmup_until_train_error=95",
-                 "optim.max_iters=16", spec=spec)
+                 "optim.max_iters=16", "optim.lr_milestones=[]", spec=spec)
     assert done.returncode == 0, done.stdout + done.stderr
     frame = pd.read_csv(tmp_path / "runs" / "cifar_resnet110" / "seed0" / "metrics.csv")
     assert "warm-up ends at iteration" in done.stdout
@@ -173,7 +173,7 @@ def test_warmup_switches_back_to_the_full_rate(data, tmp_path):
 def test_warmup_that_never_reaches_the_threshold_keeps_0_01(data, tmp_path):
     spec = ROOT / "experiments" / "cifar10" / "resnet110.yaml"
     done = train(tmp_path, data, "optim.warmup_window=4", "optim.warmup_until_train_error=0",
-                 "optim.max_iters=16", spec=spec)
+                 "optim.max_iters=16", "optim.lr_milestones=[]", spec=spec)
     assert done.returncode == 0, done.stdout + done.stderr
     frame = pd.read_csv(tmp_path / "runs" / "cifar_resnet110" / "seed0" / "metrics.csv")
     assert (frame.lr == 0.01).all()
@@ -221,14 +221,14 @@ def test_a_checkpoint_of_another_recipe_is_refused_even_without_config_yaml(data
     process.kill()
     process.wait()
     (run_dir(tmp_path) / "config.yaml").unlink()
-    done = train(tmp_path, data, "optim.max_iters=20")
+    done = train(tmp_path, data, "optim.max_iters=20", "optim.lr_milestones=[16]")
     assert done.returncode == 2 and "optim.max_iters: 28 there, 20 now" in done.stderr
 
 
 def test_a_warmup_that_never_reaches_the_threshold_ends_at_its_cap(data, tmp_path):
     spec = ROOT / "experiments" / "cifar10" / "resnet110.yaml"
     done = train(tmp_path, data, "optim.warmup_window=4", "optim.warmup_until_train_error=0",
-                 "optim.warmup_max_iters=8", "optim.max_iters=16", spec=spec)
+                 "optim.warmup_max_iters=8", "optim.max_iters=16", "optim.lr_milestones=[]", spec=spec)
     assert done.returncode == 0, done.stdout + done.stderr
     folder = tmp_path / "runs" / "cifar_resnet110" / "seed0"
     frame = pd.read_csv(folder / "metrics.csv")

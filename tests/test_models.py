@@ -7,8 +7,11 @@ import torchvision
 from torch import nn
 
 from repro.complexity import count_parameters
-from repro.models import build_model, registered_models, response_layers
+from repro.errors import SpecError
+from repro.models import build_model, cifar, registered_models, response_layers
 from repro.models.blocks import BasicBlock, Bottleneck, ZeroPadShortcut
+from repro.models.networks import NETWORKS, Network
+from repro.spec import ModelSpec, validate
 
 # Exact counts for option A (conv weights without bias, BN scale and shift, FC with bias): PAPER.md.
 CIFAR_PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962, 1202: 19_421_274}
@@ -141,3 +144,44 @@ def test_bad_shortcut_options_are_rejected():
         build_model("cifar_resnet20", shortcut="B")
     with pytest.raises(ValueError, match="plain net"):
         build_model("imagenet_plain18", shortcut="C")
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"block": "preact"}, "block: cifar networks are built of basic blocks, got 'preact'"),
+    ({"arch": "imagenet", "depth": 18, "block": "wide"}, "block: imagenet networks are built of basic or bottleneck"),
+    ({"arch": "imagenet", "depth": 50, "block": "basic"}, "block: Table 1's 50-layer network has bottleneck blocks"),
+    ({"shortcut": "D"}, "shortcut: must be one of A, B, C"),
+    ({"residual": False, "shortcut": "B"}, "shortcut: a plain net has no shortcuts"),
+])
+def test_the_lookup_refuses_a_spec_it_cannot_build_and_lists_the_choices(model, message):
+    dataset = "imagenet" if model.get("arch") == "imagenet" else "cifar10"
+    with pytest.raises(SpecError, match=re.escape(f"s.yaml: model: {message}")):
+        validate({"name": "s", "model": model, "data": {"dataset": dataset}}, "s.yaml")
+
+
+@pytest.mark.parametrize("arch, depth, block", [("cifar", 20, "basic"), ("imagenet", 18, "basic"),
+                                               ("imagenet", 50, "bottleneck")])
+def test_a_spec_that_names_no_block_gets_the_papers(arch, depth, block):
+    unset = ModelSpec(arch=arch, depth=depth).build()
+    named = ModelSpec(arch=arch, depth=depth, block=block).build()
+    assert [type(m) for m in unset.modules()] == [type(m) for m in named.modules()]
+    assert any(isinstance(m, NETWORKS[(arch, block)].block) for m in unset.modules())
+
+
+class ReluFirstBlock(BasicBlock):
+    """A throwaway block type: the ReLU before the addition."""
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out) + self.shortcut(x)
+
+
+def test_a_new_block_type_is_a_lookup_entry_and_a_spec_naming_it(monkeypatch):
+    monkeypatch.setitem(NETWORKS, ("cifar", "relu_first"),
+                        Network(cifar.CifarNet, ReluFirstBlock, cifar.blocks_per_stage, shortcuts=("A",)))
+    spec = validate({"name": "s", "model": {"block": "relu_first", "depth": 14}}, "s.yaml")
+    net = spec.model.build()
+    assert [type(m) for m in net.modules() if isinstance(m, BasicBlock)] == [ReluFirstBlock] * 6
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(SpecError, match="6n\\+2"):  # the entry's depth rule holds
+        validate({"name": "s", "model": {"block": "relu_first", "depth": 15}}, "s.yaml")

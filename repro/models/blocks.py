@@ -44,10 +44,9 @@ def make_shortcut(option: str | None, in_channels: int, out_channels: int, strid
     elsewhere. C: projection everywhere."""
     if option is None:
         return None
-    if option not in SHORTCUT_OPTIONS:
-        raise ValueError(f"shortcut must be one of {', '.join(SHORTCUT_OPTIONS)}, got {option!r}")
     shape_changes = stride != 1 or in_channels != out_channels
-    if option == "C" or (option == "B" and shape_changes):
+    # whether it projects; another option is a KeyError (specs are checked in repro/models/networks.py)
+    if {"A": False, "B": shape_changes, "C": True}[option]:
         return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
     if shape_changes:
         return ZeroPadShortcut(in_channels, out_channels, stride)
@@ -86,10 +85,8 @@ class Bottleneck(nn.Module):
     def __init__(self, in_channels: int, width: int, stride: int, shortcut: str | None,
                  bottleneck_stride: str = "v1"):
         super().__init__()
-        if bottleneck_stride not in ("v1", "v1.5"):
-            raise ValueError(f"bottleneck_stride must be 'v1' or 'v1.5', got {bottleneck_stride!r}")
         out_channels = width * self.expansion
-        stride_1x1, stride_3x3 = (stride, 1) if bottleneck_stride == "v1" else (1, stride)
+        stride_1x1, stride_3x3 = {"v1": (stride, 1), "v1.5": (1, stride)}[bottleneck_stride]  # else KeyError
         self.conv1 = conv1x1(in_channels, width, stride_1x1)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = conv3x3(width, width, stride_3x3)
