@@ -148,7 +148,11 @@ class Trainer:
         for kind in spec.eval.final:
             if not hasattr(self.pipeline, f"{kind}_batches"):
                 raise ReproError(f"eval.final: {kind} is not available for {spec.data.dataset}")
-        model = spec.model.build().to(device)
+        # Hook for repro/reuse (fine-tuning): the network comes from build_network, which is
+        # spec.model.build() for every spec of the paper.
+        from repro.reuse.networks import build_network
+
+        model = build_network(spec).to(device)
         if switches.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if processes.distributed and spec.model.sync_bn:
@@ -163,7 +167,9 @@ class Trainer:
         optim = spec.optim
         # Deviation (README): PyTorch's SGD keeps v = m*v + g and steps by lr*v, so a change of lr
         # rescales the whole momentum at once; the paper's Caffe keeps v = m*v + lr*g, where it fades in.
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=optim.lr, momentum=optim.momentum,
+        # Only parameters with requires_grad: a fine-tuning strategy freezes the others (repro/reuse).
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trained, lr=optim.lr, momentum=optim.momentum,
                                          weight_decay=optim.weight_decay, nesterov=optim.nesterov)
         self.schedule = LearningRate(optim)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=switches.precision == "bf16",
@@ -405,7 +411,7 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
                                          "native_bf16": capabilities.native_bf16,
                                          "world_size": processes.world_size, "switches": switches.as_dict()})
                 trainer.log(f"{'resuming' if resumed else 'starting'} {spec.name} seed {spec.seed} at iteration "
-                            f"{trainer.iteration} on {device} ({capabilities.name}) x{processes.world_size}: "
+                            f"{trainer.iteration} on {device} x{processes.world_size} ({capabilities.name}): "
                             f"{switches.describe()}")
                 progress = progress_display(spec.run.progress, trainer.pipeline.batches_per_epoch,
                                             processes.is_main)
