@@ -145,6 +145,8 @@ class Trainer:
         self.columns = metric_columns(spec.data.dataset)
         torch.manual_seed(spec.seed)  # the same He initialisation on every process
         self.pipeline = build_pipeline(spec, data_root, device, processes, switches)
+        self.unreadable = getattr(self.pipeline, "unreadable", None)  # ImageNet: damaged files skipped
+        self.logged_unreadable: set[str] = set()
         for kind in spec.eval.final:
             if not hasattr(self.pipeline, f"{kind}_batches"):
                 raise ReproError(f"eval.final: {kind} is not available for {spec.data.dataset}")
@@ -210,6 +212,7 @@ class Trainer:
             "wall_seconds": self.wall_seconds,
             "rng": rng_states(),
             "config": self.spec.to_dict(),
+            "unreadable_images": dict(self.unreadable.files) if self.unreadable is not None else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -223,6 +226,9 @@ class Trainer:
         self.window_sums.restore(state["window_sums"], self.processes.is_main)
         self.epoch_train_seconds = state["epoch_train_seconds"]
         self.wall_seconds = state["wall_seconds"]
+        if self.unreadable is not None:  # those an earlier start logged are not logged again
+            self.logged_unreadable = set(state.get("unreadable_images", {}))
+            self.unreadable.files.update(state.get("unreadable_images", {}))
         restore_rng_states(state["rng"])
 
     def save(self) -> None:
@@ -346,6 +352,9 @@ class Trainer:
             summary.update(warmup_ended_at=self.schedule.warmup_ended_at, warmup_capped=self.schedule.warmup_capped)
         if "test_top5_error" in last:
             summary.update(center_top1_error=last["test_error"], center_top5_error=last["test_top5_error"])
+        if self.unreadable is not None:
+            skipped = self.gather_unreadable()
+            summary.update(unreadable_images=len(skipped), unreadable_files=sorted(skipped))
         if status == "finished":
             for kind in self.spec.eval.final:
                 result = evaluate(self.model, getattr(self.pipeline, f"{kind}_batches")(), self.autocast,
@@ -355,6 +364,23 @@ class Trainer:
             self.folder.write_final(summary)
         self.log(f"{status}: final test error {summary['final_test_error']:.2f}% after "
                  f"{self.iteration} iterations, {self.wall_seconds:.0f} s")
+
+    def log_unreadable(self) -> None:
+        """From now on each skipped image file is a line of the log; those met before the run folder
+        was claimed (by the mean image) are logged now."""
+        if self.unreadable is not None:
+            for path, reason in self.unreadable.files.items():
+                if path not in self.logged_unreadable:
+                    self.log(f"skipped unreadable image {path}: {reason}")
+            self.unreadable.report = self.log
+
+    def gather_unreadable(self) -> set[str]:
+        """The image files every process skipped (each meets only its share of the data)."""
+        files = [set(self.unreadable.files)]
+        if self.processes.distributed:
+            files = [None] * self.processes.world_size
+            torch.distributed.all_gather_object(files, set(self.unreadable.files))
+        return set().union(*files)
 
     def log_epoch(self, row: dict) -> None:
         self.log(f"epoch {row['epoch']} iter {row['iteration']}/{self.spec.optim.max_iters} lr {row['lr']:.4g} "
@@ -413,6 +439,7 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
                 trainer.log(f"{'resuming' if resumed else 'starting'} {spec.name} seed {spec.seed} at iteration "
                             f"{trainer.iteration} on {device} x{processes.world_size} ({capabilities.name}): "
                             f"{switches.describe()}")
+                trainer.log_unreadable()
                 progress = progress_display(spec.run.progress, trainer.pipeline.batches_per_epoch,
                                             processes.is_main)
                 return trainer.run(stop, progress)

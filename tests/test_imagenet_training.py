@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from repro.data.imagenet import write_imagenet
+from repro.data.generated import write_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["run.device=cpu", "run.progress=log", "data.workers=1", "data.mean_sample_size=16",
@@ -22,11 +22,15 @@ def data(tmp_path_factory):
     return write_imagenet(tmp_path_factory.mktemp("imagenet"), classes=4, n_train=8, n_val=2, short_side=(240, 300))
 
 
-def test_imagenet_run_writes_top5_and_ten_crop_errors(data, tmp_path):
+def train(data: Path, results: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "repro", "train", str(ROOT / "experiments" / "imagenet" / "resnet18.yaml"),
-               "--data", str(data), "--results", str(tmp_path)]
-    done = subprocess.run(command + [a for s in SETTINGS for a in ("--set", s)], capture_output=True, text=True,
+               "--data", str(data), "--results", str(results)]
+    return subprocess.run(command + [a for s in SETTINGS for a in ("--set", s)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+
+
+def test_imagenet_run_writes_top5_and_ten_crop_errors(data, tmp_path):
+    done = train(data, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     folder = tmp_path / "runs" / "imagenet_resnet18" / "seed0"
     frame = pd.read_csv(folder / "metrics.csv")
@@ -39,3 +43,21 @@ def test_imagenet_run_writes_top5_and_ten_crop_errors(data, tmp_path):
     assert final["center_top1_error"] == frame.test_error.iloc[-1]
     # 8 validation images: every error is a multiple of 12.5%
     assert final["ten_crop_top1_error"] % 12.5 == 0
+
+
+def test_damaged_jpegs_cost_no_epoch_and_are_counted_in_the_log_and_final_json(tmp_path):
+    data = write_imagenet(tmp_path / "imagenet", classes=4, n_train=8, n_val=2, short_side=(240, 300))
+    classes = sorted(p.name for p in (data / "train").iterdir())
+    damaged = [data / "train" / classes[0] / "empty.JPEG", data / "train" / classes[1] / "noise.JPEG",
+               data / "val" / classes[2] / "truncated.JPEG"]
+    damaged[0].write_bytes(b"")
+    damaged[1].write_bytes(os.urandom(5000))
+    damaged[2].write_bytes(next((data / "val" / classes[2]).glob("*.JPEG")).read_bytes()[:300])
+    done = train(data, tmp_path / "results")
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "results" / "runs" / "imagenet_resnet18" / "seed0" / "log.txt").read_text()
+    assert all(str(path) in log for path in damaged[:2])  # the training files, named once each
+    final = json.loads((tmp_path / "results" / "runs" / "imagenet_resnet18" / "seed0" / "final.json").read_text())
+    assert final["status"] == "finished"
+    assert {str(path) for path in damaged} <= set(final["unreadable_files"])
+    assert final["unreadable_images"] == len(final["unreadable_files"])

@@ -3,7 +3,7 @@
 A pipeline gives `batches_per_epoch`, `train_batches(epoch, start)` (this process's share of each
 global batch, on the device, in an order fixed by the seed and the epoch, so a run resumes exactly
 from any batch), `eval_batches()` (this process's share of the test or validation set) and, for
-ImageNet, `ten_crop_batches()`.
+ImageNet, `ten_crop_batches()` and `unreadable` (the image files it skipped, path -> reason).
 """
 from __future__ import annotations
 
@@ -74,12 +74,13 @@ class ImageNetPipeline:
         if processes.distributed and not processes.is_main:
             processes.barrier()  # rank 0 computes and caches the mean image first
         data = imagenet_datasets(root, seed=spec.seed, mean_sample_size=spec.data.mean_sample_size,
-                                 mean_workers=spec.data.workers)
+                                 mean_workers=spec.data.workers, decode=spec.data.decode, device=device)
         if processes.distributed and processes.is_main:
             processes.barrier()
         self.device, self.channels_last = device, switches.channels_last
+        self.unreadable = data.unreadable  # files skipped so far; the trainer logs and counts them
         shard = {"rank": processes.rank, "world_size": processes.world_size}
-        loader = {"workers": spec.data.workers, "pin_memory": device.type == "cuda"}
+        loader = {"workers": spec.data.workers, "pin_memory": device.type == "cuda", "unreadable": data.unreadable}
 
         def loader_for(dataset, shuffle: bool, batch_size: int):
             sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=spec.seed, batch_size=batch_size, **shard)

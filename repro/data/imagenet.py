@@ -5,25 +5,41 @@ resumable mid-epoch and independent of the number of processes.
 Every random choice of a sample's augmentation is drawn from a generator seeded by (seed, epoch,
 index), and every epoch's order from one seeded by (seed, epoch). So a resumed run, a 1-process run
 and a 2-process DDP run see the same global batches with the same augmentations.
+
+A sample goes through three steps, shared by the CPU path (here, in DataLoader workers) and the GPU
+path (repro/data/gpu_imagenet.py, data.decode=gpu):
+- a Plan, from the image's header alone: the size of the shorter-side resize and the 224 crops in
+  it, plus the colour noise (train_plan, center_plan, ten_crop_plan);
+- decoding to RGB (decode: libjpeg-turbo through torchvision, Pillow's reduced-size decoding where
+  the resize at least halves the image, Pillow for other formats and as the second try);
+- resample (the crops, resampled from the source pixels they cover), then, batch by batch on the
+  training device, normalize (mean, lighting).
+A file that no decoder reads is skipped, reported once and counted (UnreadableImages).
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
+import io
+import multiprocessing
 import os
+import re
 import signal
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms as T
+import torch.nn.functional as nnf
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-from torchvision.transforms import functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
 
+from repro.contract import STOP_SIGNALS
 from repro.errors import DataError
 
 # Scale augmentation: the shorter side is resized to a random size in [256, 480] (Sec. 3.4).
@@ -48,6 +64,12 @@ MEAN_SAMPLE_SIZE = 10_000
 # Batches each DataLoader worker keeps ready (PyTorch's default). More only costs shared memory:
 # a batch of 256 crops is 154 MB.
 PREFETCH_BATCHES = 2
+# Pixels a file may declare before it is refused undecoded: Pillow's default decompression-bomb
+# limit. A corrupt header can declare 65535 x 65535, which would take 12 GiB to decode and kill the
+# worker.
+MAX_PIXELS = 89_478_485
+# data.decode: where JPEGs are decoded and augmented (see decode_path).
+DECODE_CHOICES = ("auto", "cpu", "gpu")
 
 CACHE_DIR_NAME = ".repro-cache"  # inside the ImageNet root, beside train/ and val/
 MEAN_FILE = "mean_image.pt"
@@ -124,111 +146,329 @@ def check_imagenet_root(root: str | Path) -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding
+# Unreadable files
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """ImageFolder's loader: opens the file without decoding it, so that the resize can still ask
-    the JPEG decoder for a reduced scale (see decode_rgb)."""
-    return Image.open(path)
+class UnreadableImage(Exception):
+    """No decoder reads this file; the message says why."""
 
 
-def decode_rgb(image: Image.Image, short_side: int) -> Image.Image:
-    """Decode a lazily opened image as RGB. A JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale
-    whose shorter side is still at least `short_side` (libjpeg scales in the DCT, much faster than
-    decoding in full and resizing). Grayscale and CMYK JPEGs, which ImageNet has, become RGB."""
-    image.draft("RGB", (short_side, short_side))  # a no-op for loaded or non-JPEG images
-    return image.convert("RGB")
+@dataclass
+class Unreadable:
+    """Stands in a batch for a sample whose file no decoder reads."""
+    path: str
+    reason: str
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image file was skipped (see UnreadableImages)."""
+
+
+class UnreadableImages:
+    """The files the pipeline skipped, path -> why. Each is reported once, when the training process first
+    meets it: as an UnreadableImageWarning, unless `report` is set (e.g. to the trainer's log)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, str] = {}
+        self.report: Callable[[str], None] = self._warn
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        warnings.warn(message, UnreadableImageWarning, stacklevel=3)
+
+    def record(self, path: str, reason: str) -> None:
+        if path not in self.files:
+            self.files[path] = reason
+            self.report(f"skipped unreadable image {path}: {reason}")
+
+    def __len__(self) -> int:
+        return len(self.files)
 
 
 # ---------------------------------------------------------------------------------------------
-# Transforms (torchvision-compatible callables; their randomness comes from torch's global RNG,
-# which SeededDataset seeds per sample)
+# Decoding
 
 
-class ResizeShorterSide:
-    """Decode (see decode_rgb) and resize the shorter side to a size drawn uniformly from the
-    integers in [low, high], keeping the aspect ratio. low == high gives a fixed size."""
-
-    def __init__(self, low: int, high: int):
-        self.low, self.high = low, high
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        side = int(torch.randint(self.low, self.high + 1, ()))
-        return F.resize(decode_rgb(image, side), side)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.low}, {self.high})"
-
-
-class SubtractMean:
-    """Subtract the per-pixel mean image (Sec. 3.4; no division by a std, unlike torchvision's
-    Normalize). Broadcasts over leading dimensions, e.g. the 10 crops."""
-
-    def __init__(self, mean: torch.Tensor):
-        self.mean = mean
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor - self.mean
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({tuple(self.mean.shape)})"
+def read_header(data: bytes) -> Image.Image:
+    """The file as Pillow opens it: format, mode and size read from the header, no pixel decoded yet."""
+    if not data:
+        raise UnreadableImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image: Pillow knows no format that starts like it") from None
+    except Exception as error:  # Pillow raises many kinds on garbage (SyntaxError, struct.error, ...)
+        raise UnreadableImage(f"Pillow cannot open it ({type(error).__name__}: {error})") from None
+    if image.width * image.height > MAX_PIXELS:
+        raise UnreadableImage(f"declares {image.width} x {image.height} pixels, more than {MAX_PIXELS:,}")
+    return image
 
 
-class Lighting:
-    """AlexNet's PCA colour augmentation (Krizhevsky et al. 2012, Sec. 4.1): adds to every pixel
-    eigvec @ (alpha * eigval) with alpha ~ N(0, std^2) drawn once per image."""
-
-    def __init__(self, std: float = LIGHTING_STD, eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC):
-        self.std = std
-        self.eigval = torch.tensor(eigval)
-        self.eigvec = torch.tensor(eigvec)
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.std == 0:
-            return tensor
-        alpha = torch.randn(3) * self.std
-        return tensor + (self.eigvec @ (alpha * self.eigval)).view(3, 1, 1)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(std={self.std})"
+def _torchvision_decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec's; they still work (README).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
-class TenCrop:
-    """The standard 10-crop test (Sec. 3.4): the 4 corner and the center crops, then the horizontal
-    flip of each in the same order, as a [10, 3, size, size] tensor."""
-
-    def __init__(self, size: int = CROP):
-        self.size = size
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        # top-left, top-right, bottom-left, bottom-right, center
-        crops = F.five_crop(image, [self.size, self.size])
-        return torch.stack([F.to_tensor(c) for c in (*crops, *(F.hflip(c) for c in crops))])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.size})"
+def _pillow_decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -> torch.Tensor:
+    # JPEG: libjpeg scales the DCT by the smallest of 1/2, 1/4, 1/8 that keeps both sides at least
+    # `resized`, much cheaper than a full decode; a no-op for other formats or a scale of 1.
+    header.draft("RGB", (resized[1], resized[0]))
+    return torch.from_numpy(np.array(header.convert("RGB"))).permute(2, 0, 1)
 
 
-def train_geometry() -> list:
-    """The training crop before mean subtraction and colour noise (Sec. 3.4): scale augmentation,
-    random 224 crop, random horizontal flip, to a [0, 1] tensor."""
-    return [ResizeShorterSide(*TRAIN_SHORT_SIDE), T.RandomCrop(CROP), T.RandomHorizontalFlip(), T.ToTensor()]
+def decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -> torch.Tensor:
+    """The RGB pixels, uint8 [3, H, W], of a file that will be resized to `resized` = (height, width).
+
+    A JPEG goes to libjpeg-turbo through torchvision, the faster full-size decoder; where the resize
+    at least halves it, to Pillow's reduced-size decoding, faster still (both measured side by side,
+    see README). The other one is the second try: each reads some damaged files the other refuses.
+    Other formats (ImageNet has a PNG named .JPEG) go to Pillow. Grayscale and CMYK become RGB.
+    Raises UnreadableImage when every decoder fails."""
+    if header.format != "JPEG":
+        decoders = (_pillow_decode,)
+    elif 2 * resized[0] <= header.height and 2 * resized[1] <= header.width:
+        decoders = (_pillow_decode, _torchvision_decode)
+    else:
+        decoders = (_torchvision_decode, _pillow_decode)
+    failures = []
+    for decoder in decoders:
+        try:
+            return decoder(data, header, resized)
+        except Exception as error:  # a damaged file makes Pillow raise nearly anything (OSError, SyntaxError...)
+            message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            # torchvision's messages start with the C++ function and source line: keep what follows
+            message = re.sub(r"^.*[.]cpp:[0-9]+, ", "", message)
+            failures.append(f"{decoder.__name__.split('_')[1]}: {message}")
+    raise UnreadableImage("; ".join(failures))
 
 
-def train_transform(mean: torch.Tensor) -> T.Compose:
-    return T.Compose([*train_geometry(), SubtractMean(mean), Lighting(LIGHTING_STD)])
+# ---------------------------------------------------------------------------------------------
+# Plans: what each sample becomes, decided from the image's size before any pixel is decoded
 
 
-def val_transform(mean: torch.Tensor) -> T.Compose:
-    """Center crop, for the per-epoch validation error of Figure 4."""
-    return T.Compose([ResizeShorterSide(EVAL_SHORT_SIDE, EVAL_SHORT_SIDE), T.CenterCrop(CROP), T.ToTensor(),
-                      SubtractMean(mean)])
+@dataclass(frozen=True)
+class Plan:
+    """The image resized to `resized` = (height, width), then the CROP x CROP crops at `crops` =
+    ((top, left, flip), ...) of that resized image, and the PCA lighting weights `alpha` (None: no
+    colour noise)."""
+    resized: tuple[int, int]
+    crops: tuple[tuple[int, int, bool], ...]
+    alpha: tuple[float, float, float] | None = None
 
 
-def ten_crop_transform(mean: torch.Tensor) -> T.Compose:
-    """10-crop, for the final errors of Tables 2 and 3; average the 10 crops' scores per image."""
-    return T.Compose([ResizeShorterSide(EVAL_SHORT_SIDE, EVAL_SHORT_SIDE), TenCrop(CROP), SubtractMean(mean)])
+def resized_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(height, width) of the resize whose shorter side is `side`, rounded down as torchvision's does."""
+    if width <= height:
+        return int(side * height / width), side
+    return side, int(side * width / height)
+
+
+def train_plan(width: int, height: int, sample_seed: int) -> Plan:
+    """Scale augmentation, a random 224 crop and flip, and colour noise (Sec. 3.4), drawn from a generator
+    seeded by `sample_seed` in the reference pipeline's order (repro/bench_imagenet.py: the resize's
+    side, RandomCrop's top then left, RandomHorizontalFlip's coin, MeanAndLighting's weights), so a key gives
+    the same sample in every path."""
+    generator = torch.Generator().manual_seed(sample_seed)
+    side = int(torch.randint(TRAIN_SHORT_SIDE[0], TRAIN_SHORT_SIDE[1] + 1, (), generator=generator))
+    rows, cols = resized_size(width, height, side)
+    top = int(torch.randint(0, rows - CROP + 1, (1,), generator=generator))
+    left = int(torch.randint(0, cols - CROP + 1, (1,), generator=generator))
+    flip = bool(torch.rand(1, generator=generator) < 0.5)
+    alpha = torch.randn(3, generator=generator) * LIGHTING_STD
+    return Plan((rows, cols), ((top, left, flip),), tuple(alpha.tolist()))
+
+
+def _center(rows: int, cols: int) -> tuple[int, int]:
+    return int(round((rows - CROP) / 2)), int(round((cols - CROP) / 2))  # as torchvision's center_crop
+
+
+def center_plan(width: int, height: int, sample_seed: int | None = None) -> Plan:
+    """The center crop of the 256 resize, for the per-epoch validation error of Figure 4."""
+    rows, cols = resized_size(width, height, EVAL_SHORT_SIDE)
+    return Plan((rows, cols), ((*_center(rows, cols), False),))
+
+
+def ten_crop_plan(width: int, height: int, sample_seed: int | None = None) -> Plan:
+    """The standard 10-crop test (Sec. 3.4) of the 256 resize: the top-left, top-right, bottom-left,
+    bottom-right and center crops, then the horizontal flip of each in the same order, for the final
+    errors of Tables 2 and 3 (their scores are averaged, so the order does not matter)."""
+    rows, cols = resized_size(width, height, EVAL_SHORT_SIDE)
+    corners = ((0, 0), (0, cols - CROP), (rows - CROP, 0), (rows - CROP, cols - CROP), _center(rows, cols))
+    return Plan((rows, cols), tuple((top, left, flip) for flip in (False, True) for top, left in corners))
+
+
+def _source_span(start: int, stop: int, source: int, resized: int) -> tuple[int, int]:
+    """The source pixels [a, b) under pixels [start, stop) of a resize from `source` to `resized`,
+    rounded to whole pixels, at least one."""
+    scale = source / resized
+    a = min(round(start * scale), source - 1)
+    return a, max(a + 1, round(stop * scale))
+
+
+def resample(image: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """The plan's crops [n, 3, CROP, CROP] of `image` (uint8 [3, H, W]) resized to plan.resized, each
+    flipped where the plan says; antialiased bilinear, as Pillow's resize. Only the part of the resize
+    the crops cover is computed, from the source pixels under it rounded to whole pixels: each edge
+    lies within half a source pixel of the exact crop of the full resize, for a fraction of the
+    cost (README). uint8 on the CPU, float in 0-255 elsewhere."""
+    rows, cols = plan.resized
+    top, left = min(c[0] for c in plan.crops), min(c[1] for c in plan.crops)
+    bottom, right = max(c[0] for c in plan.crops) + CROP, max(c[1] for c in plan.crops) + CROP
+    y0, y1 = _source_span(top, bottom, image.shape[-2], rows)
+    x0, x1 = _source_span(left, right, image.shape[-1], cols)
+    region = image[None, :, y0:y1, x0:x1]
+    # torch's antialiased resize has a fast uint8 kernel on the CPU for channels-last images; CUDA's
+    # takes floats only.
+    region = region.contiguous(memory_format=torch.channels_last) if image.is_cpu else region.float()
+    union = nnf.interpolate(region, size=(bottom - top, right - left), mode="bilinear", antialias=True,
+                            align_corners=False)[0]
+    crops = [union[:, t - top:t - top + CROP, l - left:l - left + CROP] for t, l, _ in plan.crops]
+    return torch.stack([crop.flip(-1) if flip else crop for crop, (_, _, flip) in zip(crops, plan.crops)])
+
+
+def normalize(crops: torch.Tensor, mean: torch.Tensor | None, alpha: torch.Tensor | None) -> torch.Tensor:
+    """Crops [..., 3, CROP, CROP] in 0-255 as floats on the [0, 1] scale, minus the per-pixel mean
+    (Sec. 3.4; no division by a std), plus AlexNet's PCA lighting: eigvec @ (alpha * eigval) added to
+    every pixel, alpha [3] for one image or [B, 3] for a batch [B, 3, CROP, CROP]."""
+    pixels = crops.div(255)  # a new float32 tensor, whatever the dtype of crops
+    if mean is not None:
+        pixels.sub_(mean)
+    if alpha is not None:
+        eigval = torch.tensor(IMAGENET_EIGVAL, device=pixels.device)
+        eigvec = torch.tensor(IMAGENET_EIGVEC, device=pixels.device)
+        pixels.add_(((alpha * eigval) @ eigvec.T)[..., None, None])
+    return pixels
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples and batches
+
+
+def batch_slots(unreadable: list[bool], keep_batch_size: bool) -> list[int]:
+    """Which sample fills each slot of a batch whose samples are unreadable where `unreadable` says:
+    the readable ones; with keep_batch_size (training), every slot, an unreadable sample's by the
+    next readable one (wrapping around). Nothing when no sample is readable."""
+    readable = [i for i, bad in enumerate(unreadable) if not bad]
+    if not keep_batch_size or not readable:
+        return readable
+    return [next((j for j in readable if j >= i), readable[0]) for i in range(len(unreadable))]
+
+
+@dataclass
+class Cropped:
+    """A sample's crops, uint8 [3, CROP, CROP] (or [10, 3, CROP, CROP] for the 10-crop), and its
+    plan's lighting weights."""
+    crops: torch.Tensor
+    alpha: tuple[float, float, float] | None
+
+
+class ImageNetSamples(Dataset):
+    """The CPU path: an image folder indexed by (epoch, index), each sample read, planned by `plan`
+    (train_plan, center_plan or ten_crop_plan) from a generator seeded by (seed, epoch, index),
+    decoded and resampled in the DataLoader workers, which send uint8 crops (a quarter of the bytes of
+    floats); finish_batch normalizes each batch on `device`, the training device, where a GPU does it
+    for nothing: [B, 3, CROP, CROP], or [B, 10, 3, CROP, CROP] for the 10-crop. `mean` None gives the
+    crops alone on the [0, 1] scale, without colour noise (for the mean image).
+
+    A file that no decoder reads stops nothing. `collate` leaves it out of the batch, or, with
+    keep_batch_size (training), fills its slot with the batch's next readable sample, so that every
+    batch keeps its size: DDP ranks stay in step and a resumed run counts the same iterations.
+    ImageNetLoader reports and counts it."""
+
+    def __init__(self, folder: ImageFolder, plan: Callable[[int, int, int], Plan], mean: torch.Tensor | None,
+                 seed: int, keep_batch_size: bool, device: torch.device = torch.device("cpu")):
+        self.folder, self.plan, self.mean, self.seed = folder, plan, mean, seed
+        self.keep_batch_size, self.device = keep_batch_size, device
+        # Moved to the device on first use, in the training process: the workers never touch CUDA.
+        self._device_mean: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        # Workers started by spawn or forkserver get a pickled copy: without the device's mean.
+        return {**self.__dict__, "_device_mean": None}
+
+    @property
+    def classes(self) -> list[str]:
+        return self.folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def _read(self, path: str, key: tuple[int, int]) -> tuple[bytes, Image.Image, Plan]:
+        """The file's bytes, its header and the sample's plan, or UnreadableImage."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise UnreadableImage(f"cannot read it ({error.strerror or error})") from None
+        header = read_header(data)
+        plan = self.plan(header.width, header.height, derived_seed("sample", self.seed, *key))
+        rows, cols = plan.resized
+        if rows * cols > MAX_PIXELS:  # a 1 x 100,000 strip would resize to 256 x 25.6M
+            raise UnreadableImage(f"its shorter-side resize would be {cols} x {rows} pixels, more than "
+                                  f"{MAX_PIXELS:,}")
+        return data, header, plan
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Cropped | Unreadable, int]:
+        path, target = self.folder.samples[key[1]]
+        try:
+            data, header, plan = self._read(path, key)
+            crops = resample(decode(data, header, plan.resized), plan)
+        except UnreadableImage as error:
+            return Unreadable(path, str(error)), target
+        return Cropped(crops[0] if len(plan.crops) == 1 else crops, plan.alpha), target
+
+    def collate(self, samples: list) -> tuple:
+        """(crops, lighting weights [B, 3] or None, targets, ((path, reason), ...) of the unreadable
+        files); see the class's doc."""
+        slots = batch_slots([isinstance(item, Unreadable) for item, _ in samples], self.keep_batch_size)
+        unreadable = tuple((item.path, item.reason) for item, _ in samples if isinstance(item, Unreadable))
+        items, targets = [samples[i][0] for i in slots], torch.tensor([samples[i][1] for i in slots])
+        if not items:
+            return torch.empty(0, dtype=torch.uint8), None, targets, unreadable
+        alphas = torch.tensor([item.alpha for item in items]) if items[0].alpha is not None else None
+        # default_collate stacks straight into shared memory in a worker, sparing a copy on the way out
+        return default_collate([item.crops for item in items]), alphas, targets, unreadable
+
+    def finish_batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """(images, targets, unreadable) on the device, from a batch of `collate`."""
+        crops, alphas, targets, unreadable = batch
+        targets = targets.to(self.device, non_blocking=True)
+        if not len(targets):
+            return crops, targets, unreadable
+        return self.normalized(crops.to(self.device, non_blocking=True), alphas), targets, unreadable
+
+    def normalized(self, crops: torch.Tensor, alphas: torch.Tensor | None) -> torch.Tensor:
+        """normalize(crops) on the device, with the mean and, when there is a mean, the lighting."""
+        if self.mean is None:
+            return normalize(crops, None, None)
+        if self._device_mean is None:
+            self._device_mean = self.mean.to(self.device)
+        lighting = alphas.to(self.device, non_blocking=True) if alphas is not None else None
+        return normalize(crops, self._device_mean, lighting)
+
+
+class ImageNetLoader:
+    """Iterates the (images, targets) batches of a DataLoader over ImageNetSamples (or the GPU path's
+    EncodedSamples, whose batches are finished here, in the training process), recording the files
+    they skipped in `unreadable`. An evaluation batch left empty is not yielded."""
+
+    def __init__(self, dataset: ImageNetSamples, loader: DataLoader, unreadable: UnreadableImages):
+        self.dataset, self.loader, self.unreadable = dataset, loader, unreadable
+
+    def __iter__(self):
+        for batch in self.loader:
+            images, targets, unreadable = self.dataset.finish_batch(batch)
+            for path, reason in unreadable:
+                self.unreadable.record(path, reason)
+            if len(targets):
+                yield images, targets
+            elif self.dataset.keep_batch_size:
+                path, reason = unreadable[0]
+                raise DataError(f"no image of a training batch is readable ({len(unreadable)} files, e.g. "
+                                f"{path}: {reason}): the data folder looks damaged; check it or copy it again")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,32 +479,6 @@ def derived_seed(*parts: object) -> int:
     """A 63-bit seed from the given parts, the same on every machine and Python version."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-class SeededDataset(Dataset):
-    """An ImageFolder indexed by (epoch, index): the transform runs under torch's RNG seeded by
-    (seed, epoch, index), so a sample's augmentation does not depend on which worker, rank or
-    resumed run produced it. The global RNG is restored afterwards."""
-
-    def __init__(self, folder: ImageFolder, transform, seed: int):
-        self.folder, self.transform, self.seed = folder, transform, seed
-
-    @property
-    def classes(self) -> list[str]:
-        return self.folder.classes
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        epoch, index = key
-        path, target = self.folder.samples[index]
-        image = self.folder.loader(path)
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed would also reseed CUDA's, which fork_rng
-            # does not restore here.
-            torch.default_generator.manual_seed(derived_seed("sample", self.seed, epoch, index))
-            return self.transform(image), target
 
 
 class EpochSampler(Sampler):
@@ -323,25 +537,43 @@ class EpochSampler(Sampler):
         return len(self._positions())
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Slurm signals every process of a job: workers leave SIGTERM/SIGUSR1/SIGINT to the trainer,
-    which checkpoints at the next step and then shuts them down."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+class _WorkerSignals:
+    """A DataLoader's worker_init_fn. Slurm signals every process of a job, so the workers leave the
+    stop signals and SIGINT to the trainer, which checkpoints at the next step and then shuts them
+    down. Once the training process exits (`exiting`, set by its exit hook), SIGTERM stops a worker
+    again: multiprocessing's own exit hook stops leftover workers with it, then waits for them, which
+    would otherwise be forever."""
+
+    def __init__(self) -> None:
+        self.exiting = multiprocessing.Event()
+        atexit.register(self.exiting.set)  # runs before multiprocessing's hook, registered earlier
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in (*STOP_SIGNALS, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGTERM and self.exiting.is_set():
+            os._exit(0)
 
 
-def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, workers: int,
-                pin_memory: bool, persistent_workers: bool) -> DataLoader:
-    """A DataLoader over `sampler`; batch_size is this rank's share of the global batch. The
-    sampler already dropped (training) or kept (evaluation) the partial last global batch."""
+def make_loader(dataset: ImageNetSamples, sampler: EpochSampler, batch_size: int, workers: int,
+                pin_memory: bool, persistent_workers: bool,
+                unreadable: UnreadableImages | None = None) -> ImageNetLoader:
+    """An ImageNetLoader over `sampler`; batch_size is this rank's share of the global batch. The
+    sampler already dropped (training) or kept (evaluation) the partial last global batch. Skipped
+    files go to `unreadable` (ImageNetData.unreadable, shared by a run's loaders), else to the
+    loader's own."""
     if batch_size != sampler.local_batch_size:
         raise ValueError(f"batch_size {batch_size} differs from the sampler's per-rank batch "
                          f"{sampler.local_batch_size} (global {sampler.batch_size} / world_size "
                          f"{sampler.world_size})")
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
-                      worker_init_fn=_ignore_stop_signals,
-                      prefetch_factor=PREFETCH_BATCHES if workers > 0 else None, drop_last=False)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=dataset.collate, pin_memory=pin_memory,
+                        persistent_workers=persistent_workers and workers > 0,
+                        worker_init_fn=_WorkerSignals(),
+                        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None, drop_last=False)
+    return ImageNetLoader(dataset, loader, UnreadableImages() if unreadable is None else unreadable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,25 +591,31 @@ def _mean_record_key(sample_size: int, seed: int) -> dict:
     return {"sample_size": sample_size, "seed": seed, "train_short_side": TRAIN_SHORT_SIDE, "crop": CROP}
 
 
-def _compute_mean_image(train_dir: Path, sample_size: int, seed: int,
-                        workers: int) -> tuple[torch.Tensor, int]:
-    folder = ImageFolder(str(train_dir), loader=open_image)
-    dataset = SeededDataset(folder, T.Compose(train_geometry()), seed)
-    chosen = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))[:sample_size]
-    loader = DataLoader(dataset, batch_size=64, sampler=[(0, i) for i in chosen.tolist()],
-                        num_workers=workers)
-    total = torch.zeros(3, CROP, CROP, dtype=torch.float64)
-    for images, _ in loader:
+def _compute_mean_image(train_dir: Path, sample_size: int, seed: int, workers: int,
+                        unreadable: UnreadableImages) -> tuple[torch.Tensor, int]:
+    dataset = ImageNetSamples(ImageFolder(str(train_dir)), train_plan, None, seed, keep_batch_size=False)
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:sample_size]
+    loader = DataLoader(dataset, batch_size=64, sampler=[(0, i) for i in chosen.tolist()], num_workers=workers,
+                        collate_fn=dataset.collate)
+    total, used = torch.zeros(3, CROP, CROP, dtype=torch.float64), 0
+    for images, _ in ImageNetLoader(dataset, loader, unreadable):
         total += images.sum(0, dtype=torch.float64)
-    return (total / len(chosen)).float(), len(chosen)
+        used += len(images)
+    if not used:
+        raise DataError(f"none of the {len(chosen)} training images sampled for the mean image under "
+                        f"{train_dir} is readable (e.g. {next(iter(unreadable.files.items()))}): the data "
+                        f"folder looks damaged; check it or copy it again")
+    return (total / used).float(), used
 
 
 def mean_image(train_dir: str | Path, sample_size: int = MEAN_SAMPLE_SIZE, seed: int = 0,
-               cache_dir: str | Path | None = None, workers: int = 0) -> torch.Tensor:
-    """The per-pixel mean [3, 224, 224] of `sample_size` random training crops (train_geometry),
-    read from the cache when one with the same sample size, seed and geometry exists, otherwise
-    computed and cached: in cache_dir if given, else in <root>/.repro-cache/, else (read-only
-    data folder) in the user cache (see user_cache_dir)."""
+               cache_dir: str | Path | None = None, workers: int = 0,
+               unreadable: UnreadableImages | None = None) -> torch.Tensor:
+    """The per-pixel mean [3, 224, 224] of `sample_size` random training crops (train_plan's geometry,
+    without colour noise; unreadable files, recorded in `unreadable`, are left out), read from the
+    cache when one with the same sample size, seed and geometry exists, otherwise computed and cached:
+    in cache_dir if given, else in <root>/.repro-cache/, else (read-only data folder) in the user
+    cache (see user_cache_dir)."""
     train_dir = Path(train_dir)
     key = _mean_record_key(sample_size, seed)
     folders = ([Path(cache_dir)] if cache_dir is not None
@@ -388,7 +626,8 @@ def mean_image(train_dir: str | Path, sample_size: int = MEAN_SAMPLE_SIZE, seed:
             record = torch.load(path, weights_only=True)
             if all(record.get(k) == v for k, v in key.items()):
                 return record["mean"]
-    mean, used = _compute_mean_image(train_dir, sample_size, seed, workers)
+    mean, used = _compute_mean_image(train_dir, sample_size, seed, workers,
+                                     UnreadableImages() if unreadable is None else unreadable)
     record = {**key, "mean": mean, "images_used": used, "train_dir": str(train_dir.resolve())}
     for folder in folders:
         try:
@@ -408,12 +647,28 @@ def mean_image(train_dir: str | Path, sample_size: int = MEAN_SAMPLE_SIZE, seed:
 # Datasets
 
 
+def decode_path(decode: str, device: torch.device | str | None) -> str:
+    """'cpu' or 'gpu': where data.decode (auto | cpu | gpu) has JPEGs decoded and augmented."""
+    if decode not in DECODE_CHOICES:
+        raise DataError(f"data.decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
+    if decode == "gpu":
+        if device is None or torch.device(device).type != "cuda":
+            raise DataError(f"data.decode=gpu decodes with nvJPEG on a CUDA device, but this run's device is "
+                            f"{device}: use data.decode=cpu or auto")
+        return "gpu"
+    # auto is the CPU path everywhere: the GPU path has never been measured on a GPU. Make auto pick
+    # it on CUDA once `repro bench imagenet-data` on one shows it faster end to end.
+    return "cpu"
+
+
 @dataclass
 class ImageNetData:
-    train: SeededDataset        # training augmentation (Sec. 3.4)
-    val: SeededDataset          # center crop: per-epoch validation error (Figure 4)
-    val_ten_crop: SeededDataset  # 10-crop: final errors (Tables 2 and 3)
-    mean: torch.Tensor           # per-pixel mean image [3, 224, 224]
+    train: ImageNetSamples        # training augmentation (Sec. 3.4)
+    val: ImageNetSamples          # center crop: per-epoch validation error (Figure 4)
+    val_ten_crop: ImageNetSamples  # 10-crop: final errors (Tables 2 and 3)
+    mean: torch.Tensor            # per-pixel mean image [3, 224, 224]
+    # Files skipped so far, mean image included; pass it to make_loader for each of the datasets.
+    unreadable: UnreadableImages = field(default_factory=UnreadableImages)
 
     @property
     def classes(self) -> list[str]:
@@ -421,94 +676,22 @@ class ImageNetData:
 
 
 def imagenet_datasets(root: str | Path, *, seed: int, mean_sample_size: int = MEAN_SAMPLE_SIZE,
-                      mean_workers: int = 0) -> ImageNetData:
-    """Check the layout, get the mean image (cached) and build the datasets. Class indices are the
-    sorted wnids (ImageFolder), the same in train and val."""
+                      mean_workers: int = 0, decode: str = "auto",
+                      device: torch.device | str | None = None) -> ImageNetData:
+    """Check the layout, get the mean image (cached) and build the datasets of the path `decode`
+    chooses (decode_path), whose batches come out on `device` (default: the CPU). Class indices are
+    the sorted wnids (ImageFolder), the same in train and val."""
     train_dir, val_dir = check_imagenet_root(root)
+    if decode_path(decode, device) == "gpu":
+        from repro.data.gpu_imagenet import EncodedSamples as samples
+    else:
+        samples = ImageNetSamples
+    on = {"seed": seed, "device": torch.device("cpu" if device is None else device)}
+    unreadable = UnreadableImages()
     # One mean per data folder (sample seed 0), shared by the runs of every seed instead of recomputed.
-    mean = mean_image(train_dir, mean_sample_size, seed=0, workers=mean_workers)
-    train = ImageFolder(str(train_dir), loader=open_image)
-    val = ImageFolder(str(val_dir), loader=open_image)
-    return ImageNetData(train=SeededDataset(train, train_transform(mean), seed),
-                        val=SeededDataset(val, val_transform(mean), seed),
-                        val_ten_crop=SeededDataset(val, ten_crop_transform(mean), seed),
-                        mean=mean)
-
-
-# ---------------------------------------------------------------------------------------------
-# A generated stand-in with ImageNet's on-disk layout, for tests and benchmarks
-
-SHAPES = ("disc", "square", "triangle", "ring", "diamond", "bar")  # one per class, cycling
-SPECIAL_MODES = {3: "L", 13: "CMYK"}  # image j of a split is saved in this mode when j % 20 is a key
-
-
-@dataclass
-class _ClassLook:
-    colour: np.ndarray  # RGB of the object
-    shape: str
-    stripe_angle: float  # radians
-    stripe_period: float  # as a fraction of the object's size, so the texture scales with it
-
-
-def _class_look(k: int, classes: int, rng: np.random.Generator) -> _ClassLook:
-    hue = (k + rng.uniform(-0.2, 0.2)) / classes
-    hsv = Image.new("HSV", (1, 1), (int(hue * 255) % 256, 230, 230))
-    colour = np.array(hsv.convert("RGB").getpixel((0, 0)))
-    return _ClassLook(colour, SHAPES[k % len(SHAPES)], rng.uniform(0, np.pi), rng.uniform(0.15, 0.5))
-
-
-def _shape_mask(shape: str, side: int) -> Image.Image:
-    mask = Image.new("L", (side, side))
-    draw, s = ImageDraw.Draw(mask), side - 1
-    if shape == "disc":
-        draw.ellipse((0, 0, s, s), fill=255)
-    elif shape == "square":
-        draw.rectangle((s // 8, s // 8, s - s // 8, s - s // 8), fill=255)
-    elif shape == "triangle":
-        draw.polygon([(s // 2, 0), (s, s), (0, s)], fill=255)
-    elif shape == "ring":
-        draw.ellipse((0, 0, s, s), outline=255, width=max(side // 5, 1))
-    elif shape == "diamond":
-        draw.polygon([(s // 2, 0), (s, s // 2), (s // 2, s), (0, s // 2)], fill=255)
-    else:  # bar
-        draw.rectangle((0, s * 3 // 8, s, s - s * 3 // 8), fill=255)
-    return mask
-
-
-def _draw_image(look: _ClassLook, rng: np.random.Generator, short_side: tuple[int, int]) -> Image.Image:
-    """A blotchy random background with the class's striped shape at a random position and scale."""
-    short = int(rng.integers(short_side[0], short_side[1] + 1))
-    aspect = rng.uniform(0.6, 1.8)  # width / height
-    w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
-    blotches = rng.integers(-50, 51, (h // 16 + 2, w // 16 + 2, 3)) + rng.integers(40, 216, 3)
-    image = Image.fromarray(np.clip(blotches, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
-    side = int(rng.uniform(0.3, 0.8) * min(w, h))
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    stripes = (xx * np.cos(look.stripe_angle) + yy * np.sin(look.stripe_angle)) / look.stripe_period % 1 < 0.5
-    colour = np.clip(look.colour + rng.integers(-25, 26, 3), 0, 255)
-    texture = np.where(stripes[..., None], colour, colour // 3).astype(np.uint8)
-    corner = (int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1)))
-    image.paste(Image.fromarray(texture), corner, _shape_mask(look.shape, side))
-    return image
-
-
-def write_imagenet(out: str | Path, classes: int = 10, n_train: int = 30, n_val: int = 10, seed: int = 0,
-                   short_side: tuple[int, int] = (200, 500)) -> Path:
-    """Write a GENERATED dataset in ImageNet's layout, out/{train,val}/n0xxxxxxx/*.JPEG, with n_train
-    and n_val images per class: varied sizes (shorter side in `short_side`) and aspect ratios
-    (0.6-1.8), a tenth of the images grayscale or CMYK as some real ImageNet JPEGs are, and a
-    learnable class structure (each class has its own shape, colour and stripe texture, drawn at
-    random positions and scales). Returns `out`."""
-    out = Path(out)
-    rng = np.random.default_rng(seed)
-    looks = [_class_look(k, classes, rng) for k in range(classes)]
-    for split, per_class in (("train", n_train), ("val", n_val)):
-        j = 0
-        for k, look in enumerate(looks):
-            folder = out / split / f"n{k:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                image = _draw_image(look, rng, short_side).convert(SPECIAL_MODES.get(j % 20, "RGB"))
-                image.save(folder / f"{folder.name}_{split}_{i}.JPEG", quality=90)
-                j += 1
-    return out
+    mean = mean_image(train_dir, mean_sample_size, seed=0, workers=mean_workers, unreadable=unreadable)
+    train, val = ImageFolder(str(train_dir)), ImageFolder(str(val_dir))
+    return ImageNetData(train=samples(train, train_plan, mean, keep_batch_size=True, **on),
+                        val=samples(val, center_plan, mean, keep_batch_size=False, **on),
+                        val_ten_crop=samples(val, ten_crop_plan, mean, keep_batch_size=False, **on),
+                        mean=mean, unreadable=unreadable)
