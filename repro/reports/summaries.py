@@ -1,5 +1,6 @@
-"""The paper's result tables from finished runs: Table 6 (CIFAR-10 test error) and Tables 2 and 3
-(ImageNet 10-crop error), each beside the paper's numbers. Written through `repro.tables.write_table`.
+"""The paper's result tables from finished runs: Table 6 (CIFAR-10 test error), Tables 2 and 3
+(ImageNet 10-crop error) and Table 4 (ImageNet multi-scale error, from RUN/evaluations/multi_scale.json,
+which `repro evaluate` writes), each beside the paper's numbers. Written through `repro.tables.write_table`.
 
 Every entry is the error of the final network as mean +- sample std over the finished seeds, with the
 best run and n beside it (the paper's Table 6 convention for ResNet-110; its other numbers are single
@@ -18,7 +19,8 @@ import pandas as pd
 from repro import paper
 from repro.complexity import count_parameters
 from repro.reports.runs import (
-    Run, SeedStats, Suite, final_test_error, finished, label_of, network_of, not_counted, stats_over_seeds,
+    Run, SeedStats, Suite, final_test_error, finished, label_of, multi_scale_evaluation, network_of, not_counted,
+    seed_stats, stats_over_seeds,
 )
 from repro.spec import ModelSpec
 from repro.tables import write_table
@@ -28,6 +30,7 @@ TABLE6_CAPTION = "CIFAR-10 test error of plain nets and ResNets (Table 6)"
 IMAGENET_CAPTIONS = {
     "table2": "ImageNet validation error, plain nets and ResNets of 18 and 34 layers (Table 2)",
     "table3": "ImageNet validation error of the deeper and projection ResNets (Table 3)",
+    "table4": "ImageNet validation error with the multi-scale test (Table 4)",
 }
 PAPER_RUNS_NOTE = (
     "The paper's numbers are single runs, except ResNet-110, which Table 6 prints over "
@@ -48,6 +51,16 @@ IMAGENET_NOTE = (
     "minus the paper's, in percentage points. Paper: Table 2 (top-1) and Table 3 (top-1/top-5); "
     "Table 2's ResNets use option A shortcuts; the paper's ImageNet numbers are single runs. Runs that "
     "diverged, are damaged or are in progress are listed and not counted."
+)
+
+
+TABLE4_NOTE = (
+    "Errors (%) of the final network on the ImageNet validation set with Table 4's test (Sec. 3.4): the whole "
+    "image through the network (fully convolutional), softmax scores averaged over shorter sides of "
+    f"{', '.join(map(str, paper.TABLE4_SCALES))} pixels and their horizontal flips; mean ± sample std over the "
+    "finished seeds that `repro evaluate RUN --protocol multi_scale` has tested; Diff: top-1 minus the "
+    "paper's, in percentage points. Paper: Table 4 (single runs). The 10-crop top-1 of the same runs is beside "
+    "it. Finished runs not yet tested are listed as not evaluated."
 )
 
 
@@ -194,3 +207,55 @@ def write_imagenet_table(frame: pd.DataFrame, out_dir: str | Path, stem: str) ->
     })
     return write_table(out_dir, stem, frame, shown=shown, note=IMAGENET_NOTE,
                        caption=IMAGENET_CAPTIONS[stem])
+
+
+def table4_names(suite: Suite, runs_by_name: dict[str, list[Run]]) -> list[str]:
+    """The networks of Table 4 that the suite runs, in the paper's order; none until one of them has a
+    finished run (Table 4 is then made, each network NOT RUN until its multi-scale test exists)."""
+    names = [n for n in paper.TABLE4_TOP1_TOP5_ERROR if n in suite.names()]
+    return names if any(finished(runs_by_name.get(n, [])) for n in names) else []
+
+
+def multi_scale_stats(runs: list[Run], key: str) -> SeedStats | None:
+    """`key` (top1_error or top5_error) of the multi-scale tests of the finished runs, over seeds."""
+    return seed_stats([record[key] for run in finished(runs) if (record := multi_scale_evaluation(run))])
+
+
+def not_evaluated(runs: list[Run]) -> list[Run]:
+    return [run for run in finished(runs) if multi_scale_evaluation(run) is None]
+
+
+def table4_frame(runs_by_name: dict[str, list[Run]], names: list[str]) -> pd.DataFrame:
+    records = []
+    for name in names:
+        runs = runs_by_name.get(name, [])
+        paper_top1, paper_top5 = paper.TABLE4_TOP1_TOP5_ERROR[name]
+        top1, top5 = multi_scale_stats(runs, "top1_error"), multi_scale_stats(runs, "top5_error")
+        ten_crop = seed_stats([r.final["ten_crop_top1_error"] for r in finished(runs)
+                               if "ten_crop_top1_error" in (r.final or {})])
+        missing = "; ".join([f"seed {r.seed}: not evaluated" for r in not_evaluated(runs)]
+                            + ([_not_counted_text(runs)] if not_counted(runs) else []))
+        records.append({"model": name, "label": label_of(name, runs_by_name), "n": 0 if top1 is None else top1.n,
+                        "seeds_expected": len(runs), **_stats_columns("multi_scale_top1", top1),
+                        **_stats_columns("multi_scale_top5", top5), "diff": _difference(top1, paper_top1),
+                        "paper_top1": paper_top1, "paper_top5": paper_top5,
+                        "ten_crop_top1_mean": None if ten_crop is None else ten_crop.mean, "not_counted": missing})
+    return pd.DataFrame.from_records(records)
+
+
+def write_table4(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    def errors(prefix: str) -> list[str]:
+        return [format_mean_std(m, s) for m, s in zip(frame[f"{prefix}_mean"], frame[f"{prefix}_std"])]
+
+    shown = pd.DataFrame({
+        "Model": frame.label,
+        "Multi-scale top-1": errors("multi_scale_top1"),
+        "Paper top-1": frame.paper_top1.map(_number),
+        "Diff": frame["diff"].map(lambda d: _number(d, "{:+.2f}")),
+        "Multi-scale top-5": errors("multi_scale_top5"),
+        "Paper top-5": frame.paper_top5.map(_number),
+        "10-crop top-1": frame.ten_crop_top1_mean.map(_number),
+        "n": [f"{n}/{e}" for n, e in zip(frame.n, frame.seeds_expected)],
+        "Not counted": frame.not_counted,
+    })
+    return write_table(out_dir, "table4", frame, shown=shown, note=TABLE4_NOTE, caption=IMAGENET_CAPTIONS["table4"])

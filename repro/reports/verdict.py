@@ -19,8 +19,8 @@ from repro import paper
 from repro.reports import figures, summaries
 from repro.reports.responses import RESPONSES_CSV, mean_over_seeds, read_responses
 from repro.reports.runs import (
-    DAMAGED, Run, SeedStats, Suite, final_test_error, final_train_error, find_runs, label_of, network_labels,
-    network_of, read_suite, seed_stats, stats_over_seeds,
+    DAMAGED, Run, SeedStats, Suite, final_test_error, final_train_error, find_runs, finished, label_of,
+    network_labels, network_of, read_suite, seed_stats, stats_over_seeds,
 )
 
 PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT RUN"
@@ -181,7 +181,22 @@ def evaluate_claims(suite: Suite, runs_by_name: dict[str, list[Run]],
             source = "Table 2" if name in paper.TABLE2_TOP1_ERROR else "Table 3"
             claims.append(tolerance_claim(name, "10-crop top-1 error", source, top1[name], paper_top1,
                                           IMAGENET_TOLERANCE, missing, labels))
+    for name in summaries.table4_names(suite, runs_by_name):  # once one of its networks has finished
+        runs = runs_by_name.get(name, [])
+        why = missing if not finished(runs) else multi_scale_missing(runs, labels)
+        claims.append(tolerance_claim(name, "multi-scale top-1 error", "Table 4",
+                                      summaries.multi_scale_stats(runs, "top1_error"),
+                                      paper.TABLE4_TOP1_TOP5_ERROR[name][0], IMAGENET_TOLERANCE, why, labels))
     return claims
+
+
+def multi_scale_missing(runs: list[Run], labels: Labels) -> WhyMissing:
+    """Finished runs whose final network has not had Table 4's test yet, with the command that runs it."""
+    def why(names: list[str]) -> str:
+        folders = " ".join(str(r.path) for r in summaries.not_evaluated(runs))
+        return (f"no multi-scale test of {', '.join(labels.get(n, n) for n in names)} yet: run `repro evaluate "
+                f"RUN --protocol multi_scale` for {folders}")
+    return why
 
 
 # (stem, title, caption, suite figure keys, figure style) of the training-curve figures.
@@ -297,7 +312,8 @@ def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/s
 
 
 def _write_tables(suite: Suite, runs_by_name: dict[str, list[Run]], out: Path) -> list[str]:
-    """Table 6, Table 2 and (when the suite runs its extra networks) Table 3; returns their Markdown."""
+    """Table 6, Table 2, (when the suite runs its extra networks) Table 3, and (once one of them has
+    finished) Table 4; returns their Markdown."""
     written = []
     table6 = suite.table("table6")
     if table6:
@@ -307,4 +323,7 @@ def _write_tables(suite: Suite, runs_by_name: dict[str, list[Run]], out: Path) -
         names = summaries.imagenet_names(suite, stem)
         if names:
             written.append(summaries.write_imagenet_table(summaries.imagenet_frame(runs_by_name, names), out, stem))
+    table4 = summaries.table4_names(suite, runs_by_name)
+    if table4:
+        written.append(summaries.write_table4(summaries.table4_frame(runs_by_name, table4), out))
     return [paths[1].read_text() for paths in written]
