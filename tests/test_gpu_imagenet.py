@@ -10,6 +10,7 @@ from torchvision.datasets import ImageFolder
 
 from repro.data import gpu_imagenet
 from repro.data import imagenet as inet
+from repro.data import imagenet_sets
 from repro.data.generated import write_imagenet
 from repro.data.gpu_imagenet import Encoded, EncodedSamples
 from repro.data.imagenet import (CROP, EpochSampler, ImageNetSamples, UnreadableImageWarning, center_plan,
@@ -100,7 +101,7 @@ def test_broken_files_are_skipped_as_on_the_cpu_path(small_root, tmp_path, keep_
 
 def test_decode_gpu_needs_cuda(small_root):
     with pytest.raises(inet.DataError, match="data.decode=gpu"):
-        inet.imagenet_datasets(small_root, seed=0, mean_sample_size=2, decode="gpu", device="cpu")
+        imagenet_sets.imagenet_datasets(small_root, seed=0, mean_sample_size=2, decode="gpu", device="cpu")
 
 
 # ---- on a CUDA device ------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def test_nvjpeg_batches_match_the_cpu_path(small_root, plan, keep_batch_size):
 @needs_cuda
 def test_imagenet_datasets_on_the_gpu_path(small_root, tmp_path):
     root = shutil.copytree(small_root, tmp_path / "imagenet")
-    data = inet.imagenet_datasets(root, seed=0, mean_sample_size=3, decode="gpu", device="cuda")
+    data = imagenet_sets.imagenet_datasets(root, seed=0, mean_sample_size=3, decode="gpu", device="cuda")
     sampler = EpochSampler(len(data.train), shuffle=True, seed=0, batch_size=4)
     loader = make_loader(data.train, sampler, 4, workers=1, pin_memory=True, persistent_workers=False,
                          unreadable=data.unreadable)

@@ -22,6 +22,7 @@ from torchvision.transforms import functional as F
 from repro.bench_imagenet import (ReferenceSamples, ResizeShorterSide, reference_train_transform,
                                   write_imagenet_bench)
 from repro.data import imagenet as inet
+from repro.data import imagenet_sets
 from repro.data.generated import write_imagenet
 from repro.data.imagenet import (CROP, IMAGENET_EIGVAL, IMAGENET_EIGVEC, LIGHTING_STD, MEAN_FILE, EpochSampler,
                                  ImageNetSamples, UnreadableImage, UnreadableImageWarning, center_plan,
@@ -520,7 +521,7 @@ def test_a_refilled_slot_repeats_the_batchs_next_readable_sample(root_copy):
 
 def test_evaluation_drops_broken_files_and_counts_them_once(root_copy):
     broken = _plant_broken_files(root_copy, "val")  # 15 + 5 images
-    data = inet.imagenet_datasets(root_copy, seed=0, mean_sample_size=3)
+    data = imagenet_sets.imagenet_datasets(root_copy, seed=0, mean_sample_size=3)
     loaders = [_loader(dataset, batch_size=4)[1] for dataset in (data.val, data.val_ten_crop)]
     for loader in loaders:
         loader.unreadable = data.unreadable  # as the pipeline shares it
@@ -549,20 +550,20 @@ def test_the_mean_image_leaves_broken_files_out(root_copy):
 
 
 def test_decode_path_keeps_auto_on_the_cpu_and_refuses_gpu_without_cuda():
-    assert inet.decode_path("auto", torch.device("cpu")) == "cpu"
-    assert inet.decode_path("auto", torch.device("cuda")) == "cpu"  # until measured on a GPU
-    assert inet.decode_path("cpu", torch.device("cuda")) == "cpu"
-    assert inet.decode_path("gpu", torch.device("cuda")) == "gpu"
+    assert imagenet_sets.decode_path("auto", torch.device("cpu")) == "cpu"
+    assert imagenet_sets.decode_path("auto", torch.device("cuda")) == "cpu"  # until measured on a GPU
+    assert imagenet_sets.decode_path("cpu", torch.device("cuda")) == "cpu"
+    assert imagenet_sets.decode_path("gpu", torch.device("cuda")) == "gpu"
     with pytest.raises(DataError, match="data.decode=gpu .* CUDA device, but this run's device is cpu"):
-        inet.decode_path("gpu", torch.device("cpu"))
+        imagenet_sets.decode_path("gpu", torch.device("cpu"))
     with pytest.raises(DataError, match="data.decode must be one of auto, cpu, gpu, got 'nvjpeg'"):
-        inet.decode_path("nvjpeg", None)
+        imagenet_sets.decode_path("nvjpeg", None)
 
 
 # ---- datasets and benchmark ------------------------------------------------------------------
 
 def test_imagenet_datasets(root_copy):
-    data = inet.imagenet_datasets(root_copy, seed=0, mean_sample_size=3)
+    data = imagenet_sets.imagenet_datasets(root_copy, seed=0, mean_sample_size=3)
     assert data.classes == ["n00000000", "n00000001", "n00000002"] == data.val.classes
     assert len(data.train) == 21 and len(data.val) == len(data.val_ten_crop) == 15
     images, targets, _ = _batch(data.val_ten_crop, [(0, 14)])

@@ -69,7 +69,8 @@ class CifarPipeline:
 
 class ImageNetPipeline:
     def __init__(self, spec: Spec, root: Path, device: torch.device, processes: Processes, switches: Switches):
-        from repro.data.imagenet import EpochSampler, imagenet_datasets, make_loader
+        from repro.data.imagenet import EpochSampler, make_loader
+        from repro.data.imagenet_sets import imagenet_datasets
 
         if processes.distributed and not processes.is_main:
             processes.barrier()  # rank 0 computes and caches the mean image first

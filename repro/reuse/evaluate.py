@@ -28,7 +28,8 @@ from torchvision.datasets import ImageFolder
 
 from repro.contract import atomic_write, data_root
 from repro.data.imagenet import (EpochSampler, Unreadable, UnreadableImage, UnreadableImages, decode,
-                                 imagenet_datasets, make_loader, normalize, read_header, resized_size)
+                                 make_loader, normalize, read_header, resized_size)
+from repro.data.imagenet_sets import imagenet_datasets
 from repro.distributed import Processes
 from repro.engine import evaluate, resolve_device
 from repro.errors import ReproError
