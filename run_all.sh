@@ -4,6 +4,8 @@
 #   ./run_all.sh --local     the full suite on this machine's GPUs
 #   ./run_all.sh --slurm     the full suite submitted to a Slurm cluster
 #   ./run_all.sh --test      the test suite
+#   ./run_all.sh --check [--local|--slurm]   check this machine first (repro check): data, disk, GPUs,
+#                            Slurm, a short training burst, and the suite's projected GPU-hours
 # `./run_all.sh --help` lists every option. The Python used is $REPRO_PYTHON if set, else ./.venv if
 # present, else the current python3 if it has the dependencies, else a new ./.venv made here.
 set -euo pipefail
@@ -35,4 +37,11 @@ if [ "${1:-}" = "--test" ]; then
     shift
     exec "$PY" -m pytest -q "$@"
 fi
+for argument in "$@"; do
+    if [ "$argument" = "--check" ]; then  # anywhere among the options: the others go to repro check
+        others=()
+        for kept in "$@"; do [ "$kept" = "--check" ] || others+=("$kept"); done
+        exec "$PY" -m repro check ${others[@]+"${others[@]}"}
+    fi
+done
 exec "$PY" -m repro run-all "$@"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,16 +36,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(spec, Path(args.results), args.data, restart=args.restart)
 
 
+# `repro make-data`: the size options of each dataset, with their defaults
+MAKE_DATA_SIZES = {"cifar10": {"train": 50_000, "test": 10_000}, "imagenet": {"classes": 10, "train": 100, "val": 20}}
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _clear_make_data_target(dataset: str, out: Path, force: bool) -> None:
+    """Refuse to write over existing files (a real dataset, perhaps) unless `force`, which removes them
+    first, so that no file of an older dataset stays behind."""
+    from repro.data.cifar import CIFAR_DIRNAME
+
+    if out.exists() and not out.is_dir():
+        raise ReproError(f"--out {out} is a file, not a folder")
+    for target in [out / CIFAR_DIRNAME] if dataset == "cifar10" else [out / "train", out / "val"]:
+        if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+            continue
+        if not force:
+            raise ReproError(f"{target} already exists and is not empty (it may hold a real dataset); choose "
+                             "another --out, or pass --force to replace it")
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
 def cmd_make_data(args: argparse.Namespace) -> None:
+    sizes = dict(MAKE_DATA_SIZES[args.dataset])
+    for option in ("train", "test", "val", "classes"):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if option not in sizes:
+            raise ReproError(f"--{option} does not apply to {args.dataset}, which takes "
+                             f"{', '.join('--' + name for name in sizes)}")
+        sizes[option] = value
+    _clear_make_data_target(args.dataset, Path(args.out), args.force)
     if args.dataset == "cifar10":
-        from repro.data.cifar import write_cifar10
+        from repro.data.generated import write_cifar10
 
-        path = write_cifar10(args.out, n_train=args.train or 50_000, n_test=args.test or 10_000, seed=args.seed)
+        path = write_cifar10(args.out, n_train=sizes["train"], n_test=sizes["test"], seed=args.seed)
     else:
-        from repro.data.imagenet import write_imagenet
+        from repro.data.generated import write_imagenet
 
-        path = write_imagenet(args.out, classes=args.classes, n_train=args.train or 100,
-                              n_val=args.val or 20, seed=args.seed)
+        path = write_imagenet(args.out, classes=sizes["classes"], n_train=sizes["train"], n_val=sizes["val"],
+                              seed=args.seed)
     print(path)
 
 
@@ -92,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the spec's data.root, then $REPRO_DATA)")
     p.add_argument("--results", default="results", help="results folder (default: results)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key, e.g. --set optim.max_iters=1000 (repeatable)")
+                   help="override a spec key, e.g. --set optim.lr=0.05 (repeatable)")
     p.add_argument("--restart", action="store_true",
                    help="start the run over, keeping its existing folder as seed<K>.restarted-<time>")
     p.set_defaults(func=cmd_train)
@@ -100,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("make-data", help="write a generated dataset in the real on-disk format")
     p.add_argument("dataset", choices=("cifar10", "imagenet"))
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=int, help="training images (cifar10: 50000; imagenet: per class, 100)")
-    p.add_argument("--test", type=int, help="cifar10 test images (default 10000)")
-    p.add_argument("--val", type=int, help="imagenet validation images per class (default 20)")
-    p.add_argument("--classes", type=int, default=10, help="imagenet classes (default 10)")
+    p.add_argument("--train", type=_count, help="training images (cifar10: 50000; imagenet: per class, 100)")
+    p.add_argument("--test", type=_count, help="cifar10 test images (default 10000)")
+    p.add_argument("--val", type=_count, help="imagenet validation images per class (default 20)")
+    p.add_argument("--classes", type=_count, help="imagenet classes (default 10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing dataset there (its files are deleted first)")
     p.set_defaults(func=cmd_make_data)
 
     p = commands.add_parser("bench", help="measure training or data-loading speed into results/bench/")
@@ -120,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20,
                    help="iterations per timed round (cifar) or timed batches (imagenet-data)")
     p.add_argument("--warmup", type=int, default=5, help="cifar: untimed iterations first (compilation)")
-    p.add_argument("--rounds", type=int, default=5, help="cifar: interleaved rounds; the median counts")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of the candidates (cifar) or paths (imagenet-data); the median counts")
     p.add_argument("--out", default="results/bench")
     p.set_defaults(func=cmd_bench)
 
@@ -144,6 +188,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("run-all", help="train the paper's suite (smoke, local GPUs or Slurm), then report")
     add_run_all_arguments(p)
     p.set_defaults(func=run_all)
+
+    from repro.check import add_arguments as add_check_arguments, run_check
+
+    p = commands.add_parser("check", help="preflight: software, devices, data, disk, Slurm, a training burst, "
+                                          "the suite's projected GPU-hours")
+    add_check_arguments(p)
+    p.set_defaults(func=run_check)
+
+    from repro.reuse import commands as reuse
+
+    p = commands.add_parser("evaluate", help="test a finished run's final network: center, 10-crop or Table 4's "
+                                             "multi-scale test, into RUN/evaluations/")
+    reuse.add_evaluate_arguments(p)
+    p.set_defaults(func=reuse.run_evaluate)
+
+    p = commands.add_parser("finetune", help="fine-tune a trained network on a class-folder dataset (a new run folder)")
+    reuse.add_finetune_arguments(p)
+    p.set_defaults(func=reuse.run_finetune)
+
+    p = commands.add_parser("predict", help="top-k classes of image files from a run's network, optionally a grid")
+    reuse.add_predict_arguments(p)
+    p.set_defaults(func=reuse.run_predict)
     return parser
 
 

@@ -188,20 +188,22 @@ def imagenet_frame(runs_by_name: dict[str, list[Run]], names: list[str]) -> pd.D
     return pd.DataFrame.from_records(records)
 
 
+def _errors(frame: pd.DataFrame, prefix: str) -> list[str]:
+    """The column pair `<prefix>_mean`, `<prefix>_std` as "mean +- std" cells."""
+    return [format_mean_std(m, s) for m, s in zip(frame[f"{prefix}_mean"], frame[f"{prefix}_std"])]
+
+
 def write_imagenet_table(frame: pd.DataFrame, out_dir: str | Path, stem: str) -> list[Path]:
     """Table 2 or Table 3 (`stem`) from `imagenet_frame`."""
-    def errors(prefix: str) -> list[str]:
-        return [format_mean_std(m, s) for m, s in zip(frame[f"{prefix}_mean"], frame[f"{prefix}_std"])]
-
     shown = pd.DataFrame({
         "Model": frame.label,
-        "10-crop top-1": errors("ten_crop_top1"),
+        "10-crop top-1": _errors(frame, "ten_crop_top1"),
         "Paper top-1": frame.paper_top1.map(_number),
         "Diff": frame["diff"].map(lambda d: _number(d, "{:+.2f}")),
-        "10-crop top-5": errors("ten_crop_top5"),
+        "10-crop top-5": _errors(frame, "ten_crop_top5"),
         "Paper top-5": frame.paper_top5.map(_number),
-        "Center top-1": errors("center_top1"),
-        "Center top-5": errors("center_top5"),
+        "Center top-1": _errors(frame, "center_top1"),
+        "Center top-5": _errors(frame, "center_top5"),
         "n": [f"{n}/{e}" for n, e in zip(frame.n, frame.seeds_expected)],
         "Not counted": frame.not_counted,
     })
@@ -244,15 +246,12 @@ def table4_frame(runs_by_name: dict[str, list[Run]], names: list[str]) -> pd.Dat
 
 
 def write_table4(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    def errors(prefix: str) -> list[str]:
-        return [format_mean_std(m, s) for m, s in zip(frame[f"{prefix}_mean"], frame[f"{prefix}_std"])]
-
     shown = pd.DataFrame({
         "Model": frame.label,
-        "Multi-scale top-1": errors("multi_scale_top1"),
+        "Multi-scale top-1": _errors(frame, "multi_scale_top1"),
         "Paper top-1": frame.paper_top1.map(_number),
         "Diff": frame["diff"].map(lambda d: _number(d, "{:+.2f}")),
-        "Multi-scale top-5": errors("multi_scale_top5"),
+        "Multi-scale top-5": _errors(frame, "multi_scale_top5"),
         "Paper top-5": frame.paper_top5.map(_number),
         "10-crop top-1": frame.ten_crop_top1_mean.map(_number),
         "n": [f"{n}/{e}" for n, e in zip(frame.n, frame.seeds_expected)],
