@@ -135,9 +135,56 @@ def evaluate(model: nn.Module, batches, autocast, processes: Processes, device: 
     return {"loss": loss / count, "error": error_percent(top1, count), "top5_error": error_percent(top5, count)}
 
 
+class TrainState:
+    """Where a run stands, and everything a checkpoint needs to continue as if nothing had happened:
+    the network, the optimizer (its momentum buffers), the schedule, the position in the recipe, the
+    rows so far, the open epoch's sums and the RNG states."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: LearningRate,
+                 device: torch.device):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.iteration = 0
+        self.epoch = 0  # index of the epoch in progress
+        self.batch = 0  # next batch of that epoch
+        self.lr = schedule.at(0)  # the rate of the latest step: each CSV row shows its epoch's last
+        self.rows: list[dict] = []
+        self.epoch_sums = DeviceSums(2, device)  # loss * images, wrong
+        self.window_sums = DeviceSums(1, device)  # wrong, over the warm-up window
+        self.epoch_train_seconds = 0.0
+        self.wall_seconds = 0.0
+
+    def state_dict(self, processes: Processes) -> dict:
+        """Collective: the sums are totalled over processes."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch, "lr": self.lr,
+            "rows": self.rows,
+            "epoch_sums": self.epoch_sums.totals(processes),
+            "window_sums": self.window_sums.totals(processes),
+            "epoch_train_seconds": self.epoch_train_seconds,
+            "wall_seconds": self.wall_seconds,
+            "rng": rng_states(),
+        }
+
+    def load_state_dict(self, state: dict, is_main: bool) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.iteration, self.epoch, self.batch = state["iteration"], state["epoch"], state["batch"]
+        self.lr = state.get("lr", self.schedule.at(max(self.iteration - 1, 0)))  # older checkpoints lack it
+        self.rows = state["rows"]
+        self.epoch_sums.restore(state["epoch_sums"], is_main)
+        self.window_sums.restore(state["window_sums"], is_main)
+        self.epoch_train_seconds = state["epoch_train_seconds"]
+        self.wall_seconds = state["wall_seconds"]
+        restore_rng_states(state["rng"])
+
+
 class Trainer:
-    """One run: the network, SGD with momentum and weight decay, the learning-rate schedule, and the
-    state a checkpoint needs to continue as if nothing had happened."""
+    """One run: the data, the network, SGD with momentum and weight decay, the learning-rate
+    schedule, and its TrainState."""
 
     def __init__(self, spec: Spec, folder: RunFolder, data_root: str | None, processes: Processes,
                  device: torch.device, switches: Switches):
@@ -182,16 +229,7 @@ class Trainer:
             self.step = GraphedTrainStep(self.network, self.optimizer, self.autocast, train_step)
         else:
             self.step = self._eager_step
-        # the position in the recipe, and the sums of the epoch in progress
-        self.iteration = 0
-        self.epoch = 0  # index of the epoch in progress
-        self.batch = 0  # next batch of that epoch
-        self.rows: list[dict] = []
-        self.lr = self.schedule.at(0)  # the rate of the latest step: each CSV row shows its epoch's last
-        self.epoch_sums = DeviceSums(2, device)  # loss * images, wrong
-        self.window_sums = DeviceSums(1, device)  # wrong, over the warm-up window
-        self.epoch_train_seconds = 0.0
-        self.wall_seconds = 0.0
+        self.state = TrainState(self.model, self.optimizer, self.schedule, device)
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
@@ -200,42 +238,21 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "iteration": self.iteration, "epoch": self.epoch, "batch": self.batch, "lr": self.lr,
-            "rows": self.rows,
-            "epoch_sums": self.epoch_sums.totals(self.processes),
-            "window_sums": self.window_sums.totals(self.processes),
-            "epoch_train_seconds": self.epoch_train_seconds,
-            "wall_seconds": self.wall_seconds,
-            "rng": rng_states(),
-            "config": self.spec.to_dict(),
-            "unreadable_images": dict(self.unreadable.files) if self.unreadable is not None else {},
-        }
+        """The TrainState, the recipe it belongs to, and the image files skipped so far."""
+        return {**self.state.state_dict(self.processes), "config": self.spec.to_dict(),
+                "unreadable_images": dict(self.unreadable.files) if self.unreadable is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.iteration, self.epoch, self.batch = state["iteration"], state["epoch"], state["batch"]
-        self.lr = state.get("lr", self.schedule.at(max(self.iteration - 1, 0)))  # older checkpoints lack it
-        self.rows = state["rows"]
-        self.epoch_sums.restore(state["epoch_sums"], self.processes.is_main)
-        self.window_sums.restore(state["window_sums"], self.processes.is_main)
-        self.epoch_train_seconds = state["epoch_train_seconds"]
-        self.wall_seconds = state["wall_seconds"]
+        self.state.load_state_dict(state, self.processes.is_main)
         if self.unreadable is not None:  # those an earlier start logged are not logged again
             self.logged_unreadable = set(state.get("unreadable_images", {}))
             self.unreadable.files.update(state.get("unreadable_images", {}))
-        restore_rng_states(state["rng"])
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every process takes part
         if self.processes.is_main:
             save_checkpoint(self.folder.checkpoints, state)
-            self.folder.write_metrics(self.rows, self.columns)
+            self.folder.write_metrics(self.state.rows, self.columns)
         self.processes.barrier()
 
     # --- the recipe ----------------------------------------------------------------------------
@@ -245,25 +262,25 @@ class Trainer:
             self.log(f"stopped by signal {stop.received} before training; run the same command to resume")
             return EXIT_PREEMPTED
         # `batch > 0` at max_iters: an epoch left open by an older version's stop on the last step
-        while self.iteration < self.spec.optim.max_iters or self.batch > 0:
+        while self.state.iteration < self.spec.optim.max_iters or self.state.batch > 0:
             epoch_start = time.perf_counter()
             stopped = self.train_one_epoch(stop, progress)
             if stopped:
-                self.wall_seconds += time.perf_counter() - epoch_start
+                self.state.wall_seconds += time.perf_counter() - epoch_start
                 self.save()
-                self.log(f"stopped by signal {stop.received} at iteration {self.iteration}; "
+                self.log(f"stopped by signal {stop.received} at iteration {self.state.iteration}; "
                          "checkpoint saved, run the same command to resume")
                 return EXIT_PREEMPTED
             row = self.end_epoch()
             row["epoch_seconds"] = time.perf_counter() - epoch_start
-            self.wall_seconds += row["epoch_seconds"]
+            self.state.wall_seconds += row["epoch_seconds"]
             self.save()
             self.log_epoch(row)
             if not math.isfinite(row["train_loss"]):
                 self.finish("diverged")
                 self.log("the training loss is not finite: the run diverged (final.json says so)")
                 return EXIT_DIVERGED
-            if self.iteration < self.spec.optim.max_iters and self.should_stop(stop, every_iteration=True):
+            if self.state.iteration < self.spec.optim.max_iters and self.should_stop(stop, every_iteration=True):
                 self.log(f"stopped by signal {stop.received} after epoch {row['epoch']}; run the same "
                          "command to resume")
                 return EXIT_PREEMPTED
@@ -276,78 +293,78 @@ class Trainer:
         max_iters = self.spec.optim.max_iters
         start = time.perf_counter()
         try:
-            for x, y in progress(self.pipeline.train_batches(self.epoch, self.batch), self.epoch):
-                if self.iteration >= max_iters:
+            for x, y in progress(self.pipeline.train_batches(self.state.epoch, self.state.batch), self.state.epoch):
+                if self.state.iteration >= max_iters:
                     break
-                self.lr = self.schedule.at(self.iteration)
-                stats = self.step(x, y, self.lr)
-                self.epoch_sums.add(stats, len(y))
+                self.state.lr = self.schedule.at(self.state.iteration)
+                stats = self.step(x, y, self.state.lr)
+                self.state.epoch_sums.add(stats, len(y))
                 if self.schedule.warming_up:
-                    self.window_sums.add(stats[1:], len(y))
-                self.iteration += 1
-                self.batch += 1
+                    self.state.window_sums.add(stats[1:], len(y))
+                self.state.iteration += 1
+                self.state.batch += 1
                 self.check_warmup()
                 # the last iteration closes its epoch first: a stop there would leave it open
-                if self.iteration < max_iters and self.should_stop(stop):
+                if self.state.iteration < max_iters and self.should_stop(stop):
                     return True
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             return False
         finally:
-            self.epoch_train_seconds += time.perf_counter() - start
+            self.state.epoch_train_seconds += time.perf_counter() - start
 
     def check_warmup(self) -> None:
         """Sec. 4.2: lr 0.01 until the training error falls below 80%, then back to 0.1; at the latest
         at `warmup_max_iters` (our cap, logged and recorded in final.json)."""
         optim = self.spec.optim
-        if not self.schedule.warming_up or (self.iteration % optim.warmup_window
-                                            and self.iteration < optim.warmup_max_iters):
+        if not self.schedule.warming_up or (self.state.iteration % optim.warmup_window
+                                            and self.state.iteration < optim.warmup_max_iters):
             return
-        wrong, count = self.window_sums.totals(self.processes)
-        self.window_sums.reset()
+        wrong, count = self.state.window_sums.totals(self.processes)
+        self.state.window_sums.reset()
         error = error_percent(wrong, count)
-        if self.schedule.end_warmup_if_trained(self.iteration, error):
+        if self.schedule.end_warmup_if_trained(self.state.iteration, error):
             reason = (f"it reached its cap of {optim.warmup_max_iters} iterations with training error {error:.1f}%"
                       if self.schedule.warmup_capped else
                       f"training error {error:.1f}% < {optim.warmup_until_train_error}%")
-            self.log(f"warm-up ends at iteration {self.iteration}: {reason}; lr back to the schedule "
-                     f"({self.schedule.at(self.iteration):g})")
+            self.log(f"warm-up ends at iteration {self.state.iteration}: {reason}; lr back to the schedule "
+                     f"({self.schedule.at(self.state.iteration):g})")
 
     def end_epoch(self) -> dict:
         """Sum the epoch's training statistics, test, and append the epoch's row (its time comes after)."""
-        loss_sum, wrong, count = self.epoch_sums.totals(self.processes)
+        loss_sum, wrong, count = self.state.epoch_sums.totals(self.processes)
         if self.processes.distributed:  # evaluate with rank 0's BN statistics on every process
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, 0)
         test = evaluate(self.model, self.pipeline.eval_batches(), self.autocast, self.processes, self.device)
         self.schedule.observe_validation(test["error"])
         row = {
-            "epoch": self.epoch + 1, "iteration": self.iteration, "lr": self.lr,
-            "train_images": int(count), "partial": int(self.batch < self.pipeline.batches_per_epoch),
+            "epoch": self.state.epoch + 1, "iteration": self.state.iteration, "lr": self.state.lr,
+            "train_images": int(count), "partial": int(self.state.batch < self.pipeline.batches_per_epoch),
             "train_loss": loss_sum / count, "train_error": error_percent(wrong, count),
             "test_loss": test["loss"], "test_error": test["error"],
-            "epoch_seconds": None, "images_per_second": count / max(self.epoch_train_seconds, 1e-9),
+            "epoch_seconds": None, "images_per_second": count / max(self.state.epoch_train_seconds, 1e-9),
         }
         if "test_top5_error" in self.columns:
             row["test_top5_error"] = test["top5_error"]
-        self.rows.append(row)
-        self.epoch += 1
-        self.batch = 0
-        self.epoch_sums.reset()
-        self.epoch_train_seconds = 0.0
+        self.state.rows.append(row)
+        self.state.epoch += 1
+        self.state.batch = 0
+        self.state.epoch_sums.reset()
+        self.state.epoch_train_seconds = 0.0
         return row
 
     def should_stop(self, stop: StopSignals, every_iteration: bool = False) -> bool:
         if not self.processes.distributed:
             return stop.received is not None
-        if self.iteration % STOP_CHECK_EVERY and not every_iteration:
+        if self.state.iteration % STOP_CHECK_EVERY and not every_iteration:
             return False
         return self.processes.any(stop.received is not None, self.device)
 
     def finish(self, status: str) -> None:
-        last = self.rows[-1]
-        summary = {"status": status, "final_test_error": last["test_error"], "iterations": self.iteration,
-                   "wall_seconds": self.wall_seconds}
+        last = self.state.rows[-1]
+        summary = {"status": status, "final_test_error": last["test_error"], "iterations": self.state.iteration,
+                   "wall_seconds": self.state.wall_seconds}
         if self.spec.optim.warmup_lr is not None:
             summary.update(warmup_ended_at=self.schedule.warmup_ended_at, warmup_capped=self.schedule.warmup_capped)
         if "test_top5_error" in last:
@@ -363,7 +380,7 @@ class Trainer:
         if self.processes.is_main:
             self.folder.write_final(summary)
         self.log(f"{status}: final test error {summary['final_test_error']:.2f}% after "
-                 f"{self.iteration} iterations, {self.wall_seconds:.0f} s")
+                 f"{self.state.iteration} iterations, {self.state.wall_seconds:.0f} s")
 
     def log_unreadable(self) -> None:
         """From now on each skipped image file is a line of the log; those met before the run folder
@@ -437,7 +454,7 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
                                          "native_bf16": capabilities.native_bf16,
                                          "world_size": processes.world_size, "switches": switches.as_dict()})
                 trainer.log(f"{'resuming' if resumed else 'starting'} {spec.name} seed {spec.seed} at iteration "
-                            f"{trainer.iteration} on {device} x{processes.world_size} ({capabilities.name}): "
+                            f"{trainer.state.iteration} on {device} x{processes.world_size} ({capabilities.name}): "
                             f"{switches.describe()}")
                 trainer.log_unreadable()
                 progress = progress_display(spec.run.progress, trainer.pipeline.batches_per_epoch,
@@ -491,5 +508,5 @@ def _resume(trainer: Trainer, folder: RunFolder, processes: Processes) -> bool:
     refuse_other_recipe(state["config"], trainer.spec, folder.checkpoints)  # even without config.yaml
     trainer.load_state_dict(state)
     if processes.is_main:
-        folder.write_metrics(trainer.rows, trainer.columns)  # drop rows written after the checkpoint
+        folder.write_metrics(trainer.state.rows, trainer.columns)  # drop rows written after the checkpoint
     return True
