@@ -116,7 +116,8 @@ def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, autocast, x
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, autocast, processes: Processes, device: torch.device) -> dict:
     """Loss and top-1/top-5 error (%) over this process's share of the batches, summed over processes.
-    A batch of shape [B, K, 3, H, W] holds K crops per image whose softmax scores are averaged."""
+    A batch of shape [B, K, 3, H, W] holds K crops per image whose softmax scores are averaged.
+    Deviation (README): it runs under the training precision (`autocast`), bf16 included."""
     model.eval()
     sums = DeviceSums(3, device)  # loss, top-1 wrong, top-5 wrong
     for x, y in batches:
