@@ -19,7 +19,7 @@ import torch
 from repro.data.generated import write_cifar10
 from repro.distributed import Processes
 from repro.engine import Trainer, resolve_device
-from repro.hardware import Switches, cpu_model, probe, resolve_switches
+from repro.hardware import Switches, probe, resolve_switches
 from repro.run_folder import RunFolder
 from repro.spec import RunSpec, load_spec
 
@@ -84,7 +84,7 @@ def bench_cifar(spec_paths: list[str], device: str = "auto", batch_size: int = 1
                      "seconds_per_64k_iterations": median / steps * 64_000,
                      "auto_choice": _matches(switches, auto),
                      "device_type": device.type,
-                     "device": capabilities.name if device.type == "cuda" else cpu_model(),
+                     "device": capabilities.name,
                      "cpu_capability": capabilities.cpu_capability, "native_bf16": capabilities.native_bf16,
                      "threads": torch.get_num_threads(), "batch_size": batch_size, "steps": steps, "rounds": rounds})
     frame = pd.DataFrame(rows)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 # --- exit codes of `repro train` ----------------------------------------------------------------
@@ -88,3 +89,12 @@ def atomic_write(path: str | Path, data: str | bytes, durable: bool = False,
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def set_aside(path: str | Path, why: str) -> Path:
+    """Rename `path` (a file or a folder) to `<name>.<why>-<time>` beside it, so that nothing is
+    deleted or overwritten when it has to make way; returns the new path."""
+    path = Path(path)
+    kept = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(kept)
+    return kept

@@ -15,6 +15,7 @@ import math
 import signal
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from repro.data import build_pipeline
 from repro.distributed import Processes, close_processes, init_processes, sync_batchnorm
 from repro.errors import ReproError
 from repro.hardware import Switches, probe, resolve_switches
+from repro.reuse.networks import build_network
 from repro.run_folder import RunFolder, RunLocked, refuse_other_recipe
 from repro.schedule import LearningRate
 from repro.spec import Spec
@@ -198,10 +200,8 @@ class Trainer:
         for kind in spec.eval.final:
             if not hasattr(self.pipeline, f"{kind}_batches"):
                 raise ReproError(f"eval.final: {kind} is not available for {spec.data.dataset}")
-        # Hook for repro/reuse (fine-tuning): the network comes from build_network, which is
-        # spec.model.build() for every spec of the paper.
-        from repro.reuse.networks import build_network
-
+        # build_network is spec.model.build() for every spec of the paper; a fine-tuning spec also
+        # loads its source's weights and freezes what its strategy names (repro/reuse)
         model = build_network(spec).to(device)
         if switches.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -227,7 +227,7 @@ class Trainer:
         if switches.cuda_graphs:
             from repro.graphs import GraphedTrainStep
 
-            self.step = GraphedTrainStep(self.network, self.optimizer, self.autocast, train_step)
+            self.step = GraphedTrainStep(self.network, self.optimizer, self.autocast, self._eager_step)
         else:
             self.step = self._eager_step
         self.state = TrainState(self.model, self.optimizer, self.schedule, device)
@@ -469,29 +469,20 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
             close_processes(processes)
 
 
-class _exclusive:
+@contextmanager
+def _exclusive(folder: RunFolder, processes: Processes, device: torch.device):
     """The run's lock, held by the main process for the whole run; every process learns whether it
     was had, so that all of them stop when another run holds it."""
-
-    def __init__(self, folder: RunFolder, processes: Processes, device: torch.device):
-        self.folder, self.processes, self.device, self.held = folder, processes, device, None
-
-    def __enter__(self):
+    with ExitStack() as held:
         error = None
-        if self.processes.is_main:
-            self.held = self.folder.lock()
+        if processes.is_main:
             try:
-                self.held.__enter__()
+                held.enter_context(folder.lock())
             except RunLocked as locked:
-                error, self.held = locked, None
-        if self.processes.any(error is not None, self.device) or error:
-            raise error or RunLocked(f"{self.folder.path} is being trained by another process")
-        return self
-
-    def __exit__(self, *exc):
-        if self.held is not None:
-            return self.held.__exit__(*exc)
-        return False
+                error = locked
+        if processes.any(error is not None, device):
+            raise error or RunLocked(f"{folder.path} is being trained by another process")
+        yield
 
 
 def _resume(trainer: Trainer, folder: RunFolder, processes: Processes) -> bool:
@@ -504,7 +495,7 @@ def _resume(trainer: Trainer, folder: RunFolder, processes: Processes) -> bool:
         processes.barrier()
     if state is None:
         if processes.is_main:
-            folder.check_not_damaged(has_checkpoint=False)
+            folder.refuse_results_without_checkpoint()
         return False
     refuse_other_recipe(state["config"], trainer.spec, folder.checkpoints)  # even without config.yaml
     trainer.load_state_dict(state)

@@ -29,7 +29,7 @@ class GraphedTrainStep:
         if group["nesterov"] or group["dampening"]:
             raise ValueError("the graphed SGD update implements plain momentum SGD only (the paper's)")
         self.network, self.optimizer, self.autocast, self.group = network, optimizer, autocast, group
-        self.eager_step = eager_step  # the engine's train_step(network, optimizer, autocast, x, y)
+        self.eager_step = eager_step  # the engine's step(x, y, lr): sets the rate, returns the sums
         self.eager_steps = eager_steps
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -41,8 +41,7 @@ class GraphedTrainStep:
             # eager steps before a capture run on a side stream, as torch.cuda.graphs requires
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
-                self.group["lr"] = lr
-                stats = self.eager_step(self.network, self.optimizer, self.autocast, x, y)
+                stats = self.eager_step(x, y, lr)
             torch.cuda.current_stream().wait_stream(self.stream)
             return stats
         if self.graph is None:

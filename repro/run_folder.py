@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from repro.contract import (CHECKPOINTS, CONFIG, ENV, FINAL, LOCK, LOG, METRICS, EXIT_LOCKED, atomic_write,
-                            run_path)
+                            run_path, set_aside)
 from repro.errors import ReproError
 from repro.spec import Spec
 
@@ -132,33 +132,29 @@ class RunFolder:
                     folder.rmdir()
             handle.close()  # releases the flock; the file stays, naming the last holder
 
-    def check_not_damaged(self, has_checkpoint: bool) -> None:
-        """Results without a checkpoint to continue them are damage, never a fresh start."""
-        if not has_checkpoint and self.metrics.exists() and len(self.read_metrics_lines()) > 1:
+    def refuse_results_without_checkpoint(self) -> None:
+        """Called when no checkpoint exists: epochs in metrics.csv then are damage, never a fresh start."""
+        try:
+            rows = len(self.metrics.read_text().splitlines()) - 1 if self.metrics.exists() else 0
+        except (OSError, UnicodeDecodeError):
+            rows = 0
+        if rows > 0:
             raise ReproError(f"{self.metrics} has epochs but {self.checkpoints} holds no checkpoint to "
                              "resume them from: the run folder is damaged. Rerun with --restart to keep "
                              "this folder under another name and start the run over.")
 
-    def read_metrics_lines(self) -> list[str]:
-        try:
-            return self.metrics.read_text().splitlines()
-        except (OSError, UnicodeDecodeError):
-            return []
-
     def claim(self, spec: Spec) -> None:
         """Write config.yaml (the resolved spec); called once every check has passed."""
         if self.config.exists() and self.saved_config() is None:
-            self.config.replace(self.config.with_name(f"{CONFIG}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
+            set_aside(self.config, "damaged")
         atomic_write(self.config, yaml.safe_dump(spec.to_dict(), sort_keys=False))
 
     def restart(self) -> Path | None:
         """Keep this folder under a new name (`seed<K>.restarted-<time>`) so the run starts over."""
         if not self.path.exists():
             return None
-        kept = self.path.with_name(f"{self.path.name}.restarted-{time.strftime('%Y%m%d-%H%M%S')}")
         with self.lock():
-            self.path.rename(kept)
-        return kept
+            return set_aside(self.path, "restarted")
 
     def record_start(self, entry: dict[str, Any]) -> None:
         """Append this start's environment to env.json (a resumed run has several). env.json is a log:
@@ -168,8 +164,7 @@ class RunFolder:
             try:
                 starts = json.loads(self.env.read_text())["starts"]
             except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-                kept = self.env.with_name(f"{ENV}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-                self.env.replace(kept)
+                kept = set_aside(self.env, "damaged")
                 print(f"warning: {self.env} was damaged; kept as {kept.name}, a new one begins", file=sys.stderr)
         starts.append({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

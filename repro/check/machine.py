@@ -38,14 +38,15 @@ def devices(need_gpu: bool) -> list[Item]:
     is a failure only where the suite is to run on this machine's GPUs (`need_gpu`, from --local)."""
     import torch
 
-    from repro.hardware import cpu_model
+    from repro.hardware import probe
     from repro.suite.local import usable_cores
 
     items = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             properties = torch.cuda.get_device_properties(index)
-            bf16 = (properties.major, properties.minor) >= (8, 0)  # bf16 tensor cores: Ampere (sm_80) and later
+            with torch.cuda.device(index):  # the probe a run resolves its switches from
+                bf16 = probe(torch.device("cuda", index)).native_bf16
             items.append(ok("devices", f"gpu {index}", f"{properties.name}, {properties.total_memory / GIB:.1f} GiB, "
                             f"compute capability {properties.major}.{properties.minor}, bf16 "
                             + ("yes" if bf16 else "no (run.precision=bf16 would run in slow fallbacks)")))
@@ -60,8 +61,9 @@ def devices(need_gpu: bool) -> list[Item]:
                else "torch sees no CUDA device (no GPU, or no driver: try nvidia-smi)")
         items.append(fail("devices", "gpu", f"none: {why}", f"run on a GPU machine, or {INSTALL_TORCH}")
                      if need_gpu else note("devices", "gpu", f"none: {why}; this check measures the CPU"))
-    items.append(ok("devices", "cpu", f"{cpu_model()}, {usable_cores()} cores, torch CPU capability "
-                                      f"{torch.backends.cpu.get_cpu_capability()}"))
+    cpu = probe(torch.device("cpu"))
+    items.append(ok("devices", "cpu", f"{cpu.name}, {usable_cores()} cores, torch CPU capability "
+                                      f"{cpu.cpu_capability}, native bf16 {'yes' if cpu.native_bf16 else 'no'}"))
     return items
 
 
