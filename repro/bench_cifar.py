@@ -19,6 +19,7 @@ import torch
 from repro.data.generated import write_cifar10
 from repro.distributed import Processes
 from repro.engine import Trainer, resolve_device
+from repro.errors import ReproError
 from repro.hardware import Switches, probe, resolve_switches
 from repro.run_folder import RunFolder
 from repro.spec import RunSpec, load_spec
@@ -49,6 +50,10 @@ def bench_cifar(spec_paths: list[str], device: str = "auto", batch_size: int = 1
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     named = candidates(device.type == "cuda")
     if only:
+        unknown = sorted(set(only) - set(named))
+        if unknown:
+            raise ReproError(f"--switches: {', '.join(unknown)} is not a candidate on {device.type}; the candidates "
+                             f"here are {', '.join(named)}")
         named = {name: switches for name, switches in named.items() if name in only or name == "eager_fp32"}
     with tempfile.TemporaryDirectory() as scratch:
         data = write_cifar10(Path(scratch) / "data", n_train=batch_size * (warmup_steps + steps), n_test=100)

@@ -2,7 +2,10 @@
 which one `auto` picks (no timing is asserted: speeds are measured by `repro bench`, not by tests)."""
 from pathlib import Path
 
+import pytest
+
 from repro.bench_cifar import bench_cifar, candidates, write_bench
+from repro.errors import ReproError
 
 SPEC = Path(__file__).resolve().parents[1] / "experiments" / "cifar10" / "plain20.yaml"
 
@@ -24,3 +27,8 @@ def test_bench_times_a_plain_net_and_marks_the_auto_choice(tmp_path):
     assert frame.auto_choice.sum() <= 1 and not frame.loc[frame.switches == "bf16", "auto_choice"].item()
     path = write_bench(frame, tmp_path)
     assert path.name == "cifar_cpu.csv" and path.read_text().startswith("spec,switches")
+
+
+def test_an_unknown_or_cuda_only_candidate_on_a_cpu_is_refused_before_any_timing():
+    with pytest.raises(ReproError, match="cuda_graphs is not a candidate on cpu.*channels_last"):
+        bench_cifar([str(SPEC)], device="cpu", only=["cuda_graphs"])
