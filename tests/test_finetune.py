@@ -84,7 +84,7 @@ def built(monkeypatch):
         record["network"] = network
         return network
 
-    monkeypatch.setattr(repro.reuse.networks, "build_network", recording)
+    monkeypatch.setattr(repro.engine, "build_network", recording)  # the trainer's own reference
     return record
 
 
