@@ -44,8 +44,10 @@ def stream_safe(decode_batch: Callable[[list], list], files: list, stream: torch
     (torchvision's does: pytorch/vision PR 9606); memory freed on the current stream is handed out at
     once, though queued kernels may still read it. Here the caller's stream is `stream`, a side stream
     whose memory only these outputs use: record_stream keeps each from being reused until the current
-    stream's work on it has finished, and wait_stream orders that work after the decode (assuming, as
-    both libraries do, that a decoder's results are ready on the stream that called it)."""
+    stream's work on it has finished, and wait_stream orders that work after the decode. A decoder's
+    results must be ready on the stream that called it: TorchCodec decodes on that stream, and
+    torchvision makes it wait for its own. The side stream also keeps a decoder's stream
+    synchronizations (TorchCodec's source has one) from waiting for the training stream's queue."""
     current = torch.cuda.current_stream(stream.device)
     with torch.cuda.stream(stream):
         images = decode_batch(files)
