@@ -149,6 +149,8 @@ def _sums_queued_across(decode, files, sizes):
     current stream's allocator hands their memory out again at once), then decode(files): the sums,
     which equal `sizes` unless the decode wrote into the memory the reduction still read, and the
     images, on the CPU."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # fresh memory for the blocks: freed, it is the best fit for the same sizes
     blocks = [torch.ones(size, dtype=torch.uint8, device="cuda") for size in sizes]
     torch.cuda.synchronize()
     torch.cuda._sleep(SLEEP_CYCLES)
@@ -177,7 +179,7 @@ def _writing_from_its_own_stream(sources):
 def _jpegs_and_their_pixels(small_root):
     _, gpu = _both_paths(small_root, center_plan, False, device="cuda")
     files = [sample.data for sample, _ in (gpu[key] for key in KEYS[:8]) if sample.compressed]
-    pixels = gpu._nvjpeg(files)  # also starts nvJPEG before the timed part
+    pixels = gpu._nvjpeg(files)  # also starts nvJPEG, before any sleep is queued
     torch.cuda.synchronize()
     return gpu, files, pixels
 
