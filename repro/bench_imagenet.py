@@ -6,7 +6,8 @@ DataLoader worker, side by side in one run, and how many workers keep one GPU bu
 The paths: `reference`, the pipeline before issue 12 (below; Pillow and torchvision.transforms),
 `cpu-torchvision`, the cpu path before issue 22 (its JPEGs decoded by torchvision's deprecated
 decoder), `cpu` (data.decode=cpu, TorchCodec's decoder) and, on a CUDA machine, `gpu`
-(data.decode=gpu: the workers only read the files). Without --data it measures on a generated set with ImageNet's layout and typical image sizes.
+(data.decode=gpu: the workers only read the files). Without --data it measures on a generated set
+with ImageNet's layout and typical image sizes.
 """
 from __future__ import annotations
 
