@@ -4,8 +4,10 @@ DataLoader worker, side by side in one run, and how many workers keep one GPU bu
     repro bench imagenet-data [--data IMAGENET] [--workers 1 2] [--steps 20] [--rounds 5]
 
 The paths: `reference`, the pipeline before issue 12 (below; Pillow and torchvision.transforms),
-`cpu` (data.decode=cpu) and, on a CUDA machine, `gpu` (data.decode=gpu: the workers only read the
-files). Without --data it measures on a generated set with ImageNet's layout and typical image sizes.
+`cpu-torchvision`, the cpu path before issue 22 (its JPEGs decoded by torchvision's deprecated
+decoder), `cpu` (data.decode=cpu, TorchCodec's decoder) and, on a CUDA machine, `gpu`
+(data.decode=gpu: the workers only read the files). Without --data it measures on a generated set
+with ImageNet's layout and typical image sizes.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from repro.data.generated import write_imagenet
@@ -38,7 +42,7 @@ TARGET_IMAGES_PER_S = 3000
 # The generated stand-in: 20 classes x 30 training images with shorter sides of 350-400 pixels and
 # aspect ratios 0.6-1.8, about the average ImageNet training image (~400 x 350, most 500 x 375).
 GENERATED = {"classes": 20, "n_train": 30, "n_val": 1, "short_side": (350, 400)}
-PATHS = ("reference", "cpu", "gpu")
+PATHS = ("reference", "cpu-torchvision", "cpu", "gpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +108,20 @@ class ReferenceSamples(Dataset):
         return batch
 
 
+def torchvision_decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -> torch.Tensor:
+    """The cpu path's full-size JPEG decoder before issue 22: libjpeg-turbo through torchvision, whose
+    decoders are deprecated since torchvision 0.29. Kept only to compare with TorchCodec's, so its
+    DeprecationWarning is silenced here, at the call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+class TorchvisionSamples(ImageNetSamples):
+    """The cpu path as before issue 22: torchvision's full-size JPEG decoder in TorchCodec's place."""
+    full_size_decoder = staticmethod(torchvision_decode)
+
+
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 
@@ -113,6 +131,8 @@ def _training_samples(path: str, folder: ImageFolder, seed: int, device: torch.d
     mean = torch.zeros(3, CROP, CROP)
     if path == "reference":
         return ReferenceSamples(folder, mean, seed)
+    if path == "cpu-torchvision":
+        return TorchvisionSamples(folder, train_plan, mean, seed, keep_batch_size=True, device=device)
     if path == "cpu":
         return ImageNetSamples(folder, train_plan, mean, seed, keep_batch_size=True, device=device)
     from repro.data.gpu_imagenet import EncodedSamples
@@ -139,7 +159,7 @@ def _threads(count: int):
 
 
 def available_paths() -> tuple[str, ...]:
-    return PATHS if torch.cuda.is_available() else PATHS[:2]
+    return PATHS if torch.cuda.is_available() else PATHS[:-1]
 
 
 def bench_imagenet_data(root: str | Path, workers=(1, 2), batches: int = 20, batch_size: int = 32,

@@ -1,7 +1,8 @@
 """The GPU path of the ImageNet pipeline (data.decode=gpu). Its code runs on the CPU too, with
-device="cpu" tensors (torchvision's batched decode_jpeg then runs libjpeg-turbo): those tests run
+device="cpu" tensors (TorchCodec's batched decode_jpeg then runs libjpeg-turbo): those tests run
 everywhere; the ones that need nvJPEG skip without CUDA."""
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from repro.data import gpu_imagenet
 from repro.data import imagenet as inet
 from repro.data import imagenet_sets
 from repro.data.generated import write_imagenet
-from repro.data.gpu_imagenet import Encoded, EncodedSamples
+from repro.data.gpu_imagenet import Encoded, EncodedSamples, stream_safe
 from repro.data.imagenet import (CROP, EpochSampler, ImageNetSamples, UnreadableImageWarning, center_plan,
                                  make_loader, ten_crop_plan, train_plan)
 
@@ -64,6 +65,14 @@ def test_workers_send_jpeg_bytes_and_decode_the_rest(small_root, tmp_path):
             assert sample.data.dim() == 3 and sample.data.dtype == torch.uint8  # decoded pixels
     assert modes == {("JPEG", "RGB"): {True}, ("JPEG", "L"): {True}, ("JPEG", "CMYK"): {False},
                      ("PNG", "RGB"): {False}}
+
+
+def test_the_gpu_path_does_not_warn_of_torchvisions_deprecated_decoders(small_root):
+    _, gpu = _both_paths(small_root, train_plan, True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _batch(gpu, KEYS)
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]
 
 
 def test_a_batch_nvjpeg_refuses_is_decoded_by_the_cpu_decoders(small_root, monkeypatch):
@@ -128,3 +137,75 @@ def test_imagenet_datasets_on_the_gpu_path(small_root, tmp_path):
     images, targets = next(iter(loader))
     assert images.is_cuda and images.shape == (4, 3, CROP, CROP) and targets.is_cuda
     assert isinstance(data.train[(0, 0)][0], Encoded)
+
+
+# Cycles of torch.cuda._sleep that hold a reduction queued while a decode runs: about half a second on
+# a GPU at 2 GHz, against the milliseconds a decode of a few small JPEGs takes.
+SLEEP_CYCLES = 1_000_000_000
+
+
+def _sums_queued_across(decode, files, sizes):
+    """Sums of all-ones blocks of `sizes` bytes, queued behind a GPU sleep, the blocks freed (so the
+    current stream's allocator hands their memory out again at once), then decode(files): the sums,
+    which equal `sizes` unless the decode wrote into the memory the reduction still read, and the
+    images, on the CPU."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # fresh memory for the blocks: freed, it is the best fit for the same sizes
+    blocks = [torch.ones(size, dtype=torch.uint8, device="cuda") for size in sizes]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+    sums = torch.stack([block.sum() for block in blocks])
+    del blocks
+    images = decode(files)
+    return sums.tolist(), [image.cpu() for image in images]
+
+
+def _writing_from_its_own_stream(sources):
+    """A decoder with the flaw of torchvision's (pytorch/vision PR 9606): its outputs come from the
+    caller's stream's allocator, but it writes them (here: copies of `sources`) from a stream of its
+    own that does not wait for the caller's; the caller's later work waits for it."""
+    writer = torch.cuda.Stream()
+
+    def decode(files):
+        outputs = [torch.empty_like(source) for source in sources]
+        with torch.cuda.stream(writer):
+            for output, source in zip(outputs, sources):
+                output.copy_(source)
+        torch.cuda.current_stream().wait_stream(writer)
+        return outputs
+    return decode
+
+
+def _jpegs_and_their_pixels(small_root):
+    _, gpu = _both_paths(small_root, center_plan, False, device="cuda")
+    files = [sample.data for sample, _ in (gpu[key] for key in KEYS[:8]) if sample.compressed]
+    pixels = gpu._nvjpeg(files)  # also starts nvJPEG, before any sleep is queued
+    torch.cuda.synchronize()
+    return gpu, files, pixels
+
+
+@needs_cuda
+def test_the_check_below_catches_a_decoder_that_writes_from_its_own_stream(small_root):
+    """Called as is, such a decoder overwrites memory a queued reduction still reads: the sums or the
+    images come out wrong. So the stream-safety test below can fail."""
+    _, files, pixels = _jpegs_and_their_pixels(small_root)
+    sizes = [image.numel() for image in pixels]
+    sums, images = _sums_queued_across(_writing_from_its_own_stream(pixels), files, sizes)
+    assert sums != sizes or not all(torch.equal(a, b.cpu()) for a, b in zip(images, pixels))
+
+
+@needs_cuda
+@pytest.mark.parametrize("decoder", ["flawed", "torchcodec"])
+def test_a_decode_on_the_gpu_path_leaves_a_queued_reduction_alone(small_root, decoder):
+    """stream_safe makes even the flawed decoder above safe; the path decodes through it."""
+    gpu, files, pixels = _jpegs_and_their_pixels(small_root)
+    if decoder == "flawed":
+        side = torch.cuda.Stream()
+        flawed = _writing_from_its_own_stream(pixels)
+        decode = lambda files: stream_safe(flawed, files, side)  # noqa: E731
+    else:
+        decode = gpu._nvjpeg
+    sizes = [image.numel() for image in pixels]
+    sums, images = _sums_queued_across(decode, files, sizes)
+    assert sums == sizes
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(images, pixels))

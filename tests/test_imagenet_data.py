@@ -19,8 +19,8 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as F
 
-from repro.bench_imagenet import (ReferenceSamples, ResizeShorterSide, reference_train_transform,
-                                  write_imagenet_bench)
+from repro.bench_imagenet import (ReferenceSamples, ResizeShorterSide, TorchvisionSamples, available_paths,
+                                  reference_train_transform, torchvision_decode, write_imagenet_bench)
 from repro.data import imagenet as inet
 from repro.data import imagenet_sets
 from repro.data.generated import write_imagenet
@@ -167,7 +167,7 @@ def test_a_png_named_jpeg_decodes_exactly(tmp_path):
     assert torch.equal(_decode_file(path, (256, 341)), torch.from_numpy(np.array(image)).permute(2, 0, 1))
 
 
-def test_pillow_decodes_what_torchvision_refuses(small_root, monkeypatch):
+def test_pillow_decodes_what_torchcodec_refuses(small_root, monkeypatch):
     """Each decoder is the other's second try (each reads some damaged files the other refuses)."""
     path = next((small_root / "train").rglob("*.JPEG"))
     expected = _decode_file(path, (256, 256))
@@ -177,6 +177,40 @@ def test_pillow_decodes_what_torchvision_refuses(small_root, monkeypatch):
 
     monkeypatch.setattr(inet, "decode_jpeg", refuse)
     torch.testing.assert_close(_decode_file(path, (256, 256)).float(), expected.float(), atol=2, rtol=0)
+
+
+def test_torchcodec_decodes_the_pixels_torchvision_decoded(small_root):
+    """The move off torchvision's deprecated decoder (issue 22) changes no pixel: both run libjpeg-turbo
+    with the same colour conversions, for colour, grayscale and CMYK JPEGs alike."""
+    modes = set()
+    for path in sorted(small_root.rglob("*.JPEG")):
+        data = path.read_bytes()
+        header = read_header(data)
+        modes.add(header.mode)
+        assert torch.equal(inet._torchcodec_decode(data, header, (256, 256)),
+                           torchvision_decode(data, header, (256, 256))), path
+    assert modes == {"RGB", "L", "CMYK"}
+
+
+def test_the_cpu_path_makes_the_batches_it_made_with_torchvisions_decoder(small_root):
+    keys = [(epoch, index) for epoch in (0, 1) for index in range(21)]
+    for plan, keep_batch_size in [(train_plan, True), (ten_crop_plan, False)]:
+        old = TorchvisionSamples(ImageFolder(str(small_root / "train")), plan, None, 0, keep_batch_size)
+        new = _samples(small_root, plan=plan, keep_batch_size=keep_batch_size)
+        expected, got = _batch(old, keys), _batch(new, keys)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_neither_decoder_warns_of_torchvisions_deprecation(small_root):
+    """torchvision 0.29 deprecates its decoders: the pipeline's JPEGs go to TorchCodec's, and the
+    benchmark's torchvision baseline silences its warning where it calls it."""
+    path = next((small_root / "train").rglob("*.JPEG"))
+    data = path.read_bytes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decode(data, read_header(data), (256, 256))
+        torchvision_decode(data, read_header(data), (256, 256))
+    assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]
 
 
 def _jpeg_bytes(size=(48, 32)):
@@ -196,7 +230,7 @@ def _declaring(width, height):
 # What issue 10.7 and issue 12 list, plus a corrupt header; each decodes to nothing.
 BROKEN_FILES = {
     "empty": (lambda: b"", "empty file"),
-    "truncated": (lambda: _jpeg_bytes()[:1000], "torchvision: Image is incomplete or truncated; pillow: image file "
+    "truncated": (lambda: _jpeg_bytes()[:1000], "torchcodec: Image is incomplete or truncated; pillow: image file "
                                                  "is truncated"),
     "random_bytes": (lambda: np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
                      "not an image"),
@@ -577,7 +611,8 @@ def test_bench_times_each_path_per_worker_count(small_root, tmp_path):
                                 warmup_batches=1)
     frame = pd.read_csv(path)
     assert path.name.startswith("imagenet_data_")
-    assert list(zip(frame.path, frame.workers)) == [("reference", 0), ("cpu", 0), ("reference", 1), ("cpu", 1)]
+    assert "cpu-torchvision" in available_paths() and "cpu" in available_paths()  # the old and new decoders
+    assert list(zip(frame.path, frame.workers)) == [(name, workers) for workers in (0, 1) for name in available_paths()]
     assert (frame.images_per_round == 8).all() and (frame.images_per_s > 0).all()
     assert (frame[frame.path == "reference"].speedup_vs_reference == 1).all()
     assert (frame.workers_for_target >= 1).all()

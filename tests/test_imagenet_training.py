@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["run.device=cpu", "run.progress=log", "data.workers=1", "data.mean_sample_size=16",
             "data.eval_batch_size=4", "optim.batch_size=8", "optim.max_iters=6",
             "optim.lr_schedule=milestones", "optim.lr_milestones=[4]"]
+# Every warning of torchvision's image decoders shown, in the trainer and in its DataLoader workers
+# (they inherit the environment), which Python's default filters would hide outside __main__.
+SHOW_DECODER_WARNINGS = "always::DeprecationWarning:torchvision.io.image"
+TORCHVISION_DEPRECATION = "image decoding and encoding capabilities of TorchVision are deprecated"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,8 @@ def train(data: Path, results: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "repro", "train", str(ROOT / "experiments" / "imagenet" / "resnet18.yaml"),
                "--data", str(data), "--results", str(results)]
     return subprocess.run(command + [a for s in SETTINGS for a in ("--set", s)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": SHOW_DECODER_WARNINGS})
 
 
 def test_imagenet_run_writes_top5_and_ten_crop_errors(data, tmp_path):
@@ -43,6 +48,8 @@ def test_imagenet_run_writes_top5_and_ten_crop_errors(data, tmp_path):
     assert final["center_top1_error"] == frame.test_error.iloc[-1]
     # 8 validation images: every error is a multiple of 12.5%
     assert final["ten_crop_top1_error"] % 12.5 == 0
+    # JPEGs are decoded by TorchCodec: no deprecation of torchvision's decoders reaches the user
+    assert TORCHVISION_DEPRECATION not in done.stdout + done.stderr + (folder / "log.txt").read_text()
 
 
 def test_damaged_jpegs_cost_no_epoch_and_are_counted_in_the_log_and_final_json(tmp_path):

@@ -1,8 +1,9 @@
 """The GPU path of the ImageNet pipeline (data.decode=gpu). DataLoader workers only read each file and
 plan its sample, with the CPU path's plans (repro/data/imagenet.py), so a (seed, epoch, index) key
 draws the same scale, crop, flip and lighting on both paths. The training process decodes each
-batch's JPEGs in one call to nvJPEG (torchvision.io.decode_jpeg(device="cuda")), then resamples,
-flips, subtracts the mean and adds the lighting on the GPU, with the CPU path's functions.
+batch's JPEGs in one call to nvJPEG (torchcodec.decoders.decode_jpeg(device="cuda"), on a side stream:
+see stream_safe), then resamples, flips, subtracts the mean and adds the lighting on the GPU, with
+the CPU path's functions.
 
 What nvJPEG is not given: files that are not JPEGs (ImageNet has a PNG named .JPEG) and CMYK JPEGs
 (22 in ImageNet's training set; nvJPEG's handling of them is untested here) are decoded in the
@@ -13,11 +14,11 @@ This path has never run on a GPU: data.decode=auto keeps the CPU path (imagenet.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 from repro.data.imagenet import (ImageNetSamples, Plan, Unreadable, UnreadableImage, batch_slots, decode,
                                  read_header, resample)
@@ -36,10 +37,38 @@ class Encoded:
     compressed: bool
 
 
+def stream_safe(decode_batch: Callable[[list], list], files: list, stream: torch.cuda.Stream) -> list:
+    """decode_batch(files), CUDA images (or None), safe to use on the current stream while the kernels
+    queued there (the previous step's) still run, whatever library decodes. A decoder may take its
+    outputs from the caching allocator of the caller's stream but write them from a stream of its own
+    (torchvision's does: pytorch/vision PR 9606); memory freed on the current stream is handed out at
+    once, though queued kernels may still read it. Here the caller's stream is `stream`, a side stream
+    whose memory only these outputs use: record_stream keeps each from being reused until the current
+    stream's work on it has finished, and wait_stream orders that work after the decode. A decoder's
+    results must be ready on the stream that called it: TorchCodec decodes on that stream, and
+    torchvision makes it wait for its own. The side stream also keeps a decoder's stream
+    synchronizations (TorchCodec's source has one) from waiting for the training stream's queue."""
+    current = torch.cuda.current_stream(stream.device)
+    with torch.cuda.stream(stream):
+        images = decode_batch(files)
+    current.wait_stream(stream)
+    for image in images:
+        if image is not None:
+            image.record_stream(current)
+    return images
+
+
 class EncodedSamples(ImageNetSamples):
     """ImageNetSamples whose workers give Encoded samples, finished into batches on the device by
     finish_batch in the training process (ImageNetLoader): the same batches, up to the decoders' and
     the resampling's rounding, with the same unreadable-file rule."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._decode_stream: torch.cuda.Stream | None = None  # made on first use, in the training process
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_decode_stream": None}  # workers never touch CUDA
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Encoded | Unreadable, int]:
         path, target = self.folder.samples[key[1]]
@@ -55,22 +84,27 @@ class EncodedSamples(ImageNetSamples):
         return [sample for sample, _ in samples], [target for _, target in samples]  # sizes differ: no stacking
 
     def _nvjpeg(self, files: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The files decoded on the device in one batch, or one by one when the batch fails (None: refused)."""
+        """The files decoded on the device, stream-safe on a CUDA device (stream_safe)."""
         if not files:
             return []
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders in favour of TorchCodec's; they still work (README).
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                return decode_jpeg(files, mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:  # one damaged file fails the whole call
-                images = []
-                for file in files:
-                    try:
-                        images.append(decode_jpeg(file, mode=ImageReadMode.RGB, device=self.device))
-                    except RuntimeError:
-                        images.append(None)
-                return images
+        if self.device.type != "cuda":  # the CPU tests of this path
+            return self._decode_all(files)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        return stream_safe(self._decode_all, files, self._decode_stream)
+
+    def _decode_all(self, files: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The files decoded on the device in one batch, or one by one when the batch fails (None: refused)."""
+        try:
+            return decode_jpeg(files, mode="RGB", device=self.device)
+        except RuntimeError:  # one damaged file fails the whole call
+            images = []
+            for file in files:
+                try:
+                    images.append(decode_jpeg(file, mode="RGB", device=self.device))
+                except RuntimeError:
+                    images.append(None)
+            return images
 
     def _on_device(self, samples: list) -> list:
         """Each Encoded sample as its pixels on the device (uint8 [3, H, W]), or Unreadable."""

@@ -10,7 +10,7 @@ A sample goes through three steps, shared by the CPU path (here, in DataLoader w
 path (repro/data/gpu_imagenet.py, data.decode=gpu):
 - a Plan, from the image's header alone: the size of the shorter-side resize and the 224 crops in
   it, plus the colour noise (train_plan, center_plan, ten_crop_plan);
-- decoding to RGB (decode: libjpeg-turbo through torchvision, Pillow's reduced-size decoding where
+- decoding to RGB (decode: libjpeg-turbo through TorchCodec, Pillow's reduced-size decoding where
   the resize at least halves the image, Pillow for other formats and as the second try);
 - resample (the crops, resampled from the source pixels they cover), then, batch by batch on the
   training device, normalize (mean, lighting).
@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 from repro.contract import STOP_SIGNALS
 from repro.errors import DataError
@@ -206,11 +206,10 @@ def read_header(data: bytes) -> Image.Image:
     return image
 
 
-def _torchvision_decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of TorchCodec's; they still work (README).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+def _torchcodec_decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -> torch.Tensor:
+    """A full-size JPEG decode: libjpeg-turbo through TorchCodec, which needs no FFmpeg for images (it
+    superseded torchvision's decoders, deprecated since torchvision 0.29; the same pixels, README)."""
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
 
 
 def _pillow_decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -> torch.Tensor:
@@ -220,29 +219,32 @@ def _pillow_decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -
     return torch.from_numpy(np.array(header.convert("RGB"))).permute(2, 0, 1)
 
 
-def decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -> torch.Tensor:
+def decode(data: bytes, header: Image.Image, resized: tuple[int, int],
+           full_size: Callable[[bytes, Image.Image, tuple[int, int]], torch.Tensor] = _torchcodec_decode
+           ) -> torch.Tensor:
     """The RGB pixels, uint8 [3, H, W], of a file that will be resized to `resized` = (height, width).
 
-    A JPEG goes to libjpeg-turbo through torchvision, the faster full-size decoder; where the resize
-    at least halves it, to Pillow's reduced-size decoding, faster still (both measured side by side,
-    see README). The other one is the second try: each reads some damaged files the other refuses.
+    A JPEG goes to `full_size`, libjpeg-turbo through TorchCodec, the faster full-size decoder (the
+    benchmark passes torchvision's, its predecessor); where the resize at least halves it, to Pillow's
+    reduced-size decoding, faster still (both measured side by side, see README). The other one is the
+    second try: each reads some damaged files the other refuses.
     Other formats (ImageNet has a PNG named .JPEG) go to Pillow. Grayscale and CMYK become RGB.
     Raises UnreadableImage when every decoder fails."""
     if header.format != "JPEG":
         decoders = (_pillow_decode,)
     elif 2 * resized[0] <= header.height and 2 * resized[1] <= header.width:
-        decoders = (_pillow_decode, _torchvision_decode)
+        decoders = (_pillow_decode, full_size)
     else:
-        decoders = (_torchvision_decode, _pillow_decode)
+        decoders = (full_size, _pillow_decode)
     failures = []
     for decoder in decoders:
         try:
             return decoder(data, header, resized)
         except Exception as error:  # a damaged file makes Pillow raise nearly anything (OSError, SyntaxError...)
             message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            # torchvision's messages start with the C++ function and source line: keep what follows
-            message = re.sub(r"^.*[.]cpp:[0-9]+, ", "", message)
-            failures.append(f"{decoder.__name__.split('_')[1]}: {message}")
+            # TorchCodec's messages start with the C++ function and source line: keep what follows
+            message = re.sub(r"^.*[.](cpp|h):[0-9]+, ", "", message).rstrip(".")
+            failures.append(f"{decoder.__name__.strip('_').split('_')[0]}: {message}")
     raise UnreadableImage("; ".join(failures))
 
 
@@ -379,6 +381,9 @@ class ImageNetSamples(Dataset):
     batch keeps its size: DDP ranks stay in step and a resumed run counts the same iterations.
     ImageNetLoader reports and counts it."""
 
+    # decode's full-size JPEG decoder; the benchmark swaps in torchvision's to compare (bench_imagenet.py).
+    full_size_decoder = staticmethod(_torchcodec_decode)
+
     def __init__(self, folder: ImageFolder, plan: Callable[[int, int, int], Plan], mean: torch.Tensor | None,
                  seed: int, keep_batch_size: bool, device: torch.device = torch.device("cpu")):
         self.folder, self.plan, self.mean, self.seed = folder, plan, mean, seed
@@ -415,7 +420,7 @@ class ImageNetSamples(Dataset):
         path, target = self.folder.samples[key[1]]
         try:
             data, header, plan = self._read(path, key)
-            crops = resample(decode(data, header, plan.resized), plan)
+            crops = resample(decode(data, header, plan.resized, self.full_size_decoder), plan)
         except UnreadableImage as error:
             return Unreadable(path, str(error)), target
         return Cropped(crops[0] if len(plan.crops) == 1 else crops, plan.alpha), target
