@@ -31,6 +31,7 @@ CHECKPOINTS = "checkpoints"
 LATEST, PREVIOUS = "last.pt", "prev.pt"
 LOCK = ".lock"  # flock'ed by the one process that trains the run; holds its host and pid
 DAMAGED = "damaged"  # unreadable checkpoints are moved into checkpoints/damaged/, never deleted
+EVENTS = "events.out.tfevents"  # run.tensorboard: TensorBoard's event files (their names begin so), a view of the CSV
 
 # metrics.csv. `train_images` counts the epoch's training images; `partial` is 1 on the last row
 # when training stopped inside an epoch (the curves keep it, the claims read full epochs only).
