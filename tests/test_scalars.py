@@ -2,6 +2,7 @@
 are rebuilt from the CSV when missing; without the extra the key is a one-line error."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 from repro.cli import main
 from repro.contract import EVENTS, EXIT_USAGE, FINAL
 from repro.data.generated import write_cifar10
+from repro.errors import ReproError
+from repro.suite.run_all import add_arguments, run_all
 
 SPEC = Path(__file__).resolve().parents[1] / "experiments" / "cifar10" / "resnet20.yaml"
 # ResNet-8 on 128 generated images, batch 32: an epoch of 4 iterations, then a partial one of 2.
@@ -91,3 +94,15 @@ def test_without_the_extra_the_key_is_a_one_line_error_and_nothing_is_written(da
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "run.tensorboard" in error and "repro[tensorboard]" in error, error
     assert not (tmp_path / "results").exists()
+
+
+def test_run_all_tensorboard_sets_the_key_on_every_run(capsys, monkeypatch):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    suite = str(SPEC.parents[1] / "suite.yaml")
+    assert run_all(parser.parse_args(["--smoke", "--dry-run", "--tensorboard", "--suite", suite])) == 0
+    trains = [line for line in capsys.readouterr().out.splitlines() if " train " in line]
+    assert trains and all("--set run.tensorboard=true" in line for line in trains)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed: refused before anything runs
+    with pytest.raises(ReproError, match=r"--tensorboard needs the optional extra `tensorboard`"):
+        run_all(parser.parse_args(["--smoke", "--dry-run", "--tensorboard", "--suite", suite]))
