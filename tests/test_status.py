@@ -24,7 +24,8 @@ from repro.reports.runs import tail_lines
 from repro.reports.status import read_status, render_table
 from repro.spec import load_spec, parse_overrides
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
 MAX_ITERS = 1000
 SEEDS = 8
 
@@ -165,6 +166,10 @@ def test_an_empty_results_folder_has_every_run_not_started(suite, tmp_path, caps
     assert all(" not started " in line for line in lines[1:-1])
     assert lines[-1].startswith(f"suite: 0 of {SEEDS} runs done (0 finished), 0 training, 0.0 device-hours so far")
     assert list(tmp_path.iterdir()) == [suite.parents[1] / "experiments"]  # nothing written
+    script = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--status", "--json", "--results", str(tmp_path),
+                             "--suite", str(suite)], capture_output=True, text=True)
+    assert script.returncode == 0, script.stderr
+    assert json.loads(script.stdout)["suite"]["planned"] == SEEDS
 
 
 def test_a_missing_results_folder_is_a_one_line_error(suite, tmp_path, capsys):

@@ -29,7 +29,8 @@ from pathlib import Path
 from repro.contract import CHECKPOINTS, ENV, LATEST, LOCK, PREVIOUS, lock_holder
 from repro.errors import ReproError
 from repro.reports.runs import DAMAGED, DIVERGED, FINISHED, NOT_STARTED, Run, find_runs
-from repro.suite.plan import DATASETS, read_suite, select_names, spec_index
+from repro.suite.plan import (DATASETS, Suite, override_assignments, read_suite, run_overrides, select_names,
+                              spec_index)
 from repro.suite.slurm import array_files
 
 TRAINING, STOPPED, QUEUED, LOCKED = "training", "stopped", "queued", "locked"
@@ -44,7 +45,7 @@ SLURM_ENDING = ("COMPLETING", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PR
 
 @dataclass(frozen=True)
 class SlurmTask:
-    job: str  # <array job id>_<task id>
+    job: str  # <array job id>_<task id>, as squeue names it
     state: str  # squeue's: PENDING, RUNNING, ...
     reason: str  # squeue's %R: why it waits (Priority, Resources, Dependency), or its node
 
@@ -53,6 +54,7 @@ class SlurmTask:
 class RunStatus:
     name: str
     seed: int
+    dataset: str
     state: str  # one of FINISHED, DIVERGED, DAMAGED, TRAINING, LOCKED, QUEUED, STOPPED, NOT_STARTED
     detail: str | None  # DAMAGED: why; TRAINING, LOCKED: the lock's holder
     iteration: int
@@ -89,7 +91,8 @@ class SuiteStatus:
         training = sum(r.state == TRAINING for r in self.runs)
         unmeasured = [r for r in left if r.eta_seconds is None]
         remaining = sum(r.eta_seconds for r in left if r.eta_seconds is not None)
-        finish = self.time + remaining / training if training and left else None
+        measured = len(unmeasured) < len(left)
+        finish = self.time + remaining / training if training and measured else None
         return {
             "planned": len(self.runs), "done": len(ended),
             "finished": sum(r.state == FINISHED for r in self.runs),
@@ -110,7 +113,7 @@ def read_status(results: Path, suite_file: str | Path, smoke: bool = False, extr
             if name in planned or run.state != NOT_STARTED]  # an extra is shown once it has started
     tasks, note = slurm_tasks(results, slurm)
     statuses = [run_status(run, tasks.get(run.path.absolute())) for run in runs]
-    return SuiteStatus(_with_spec_speeds(statuses, suite_file), time.time(), note)
+    return SuiteStatus(_with_spec_speeds(statuses, suite, smoke), time.time(), note)
 
 
 def run_status(run: Run, task: SlurmTask | None) -> RunStatus:
@@ -152,7 +155,7 @@ def run_status(run: Run, task: SlurmTask | None) -> RunStatus:
         wall = float(run.final["wall_seconds"])
     else:
         wall = run.iterations * per_iteration if per_iteration is not None else None
-    return RunStatus(run.name, run.seed, state, detail, run.iterations, max_iters, train_error, test_error,
+    return RunStatus(run.name, run.seed, run.network.dataset, state, detail, run.iterations, max_iters, train_error, test_error,
                      images_per_second, per_iteration, wall, _eta(state, run.iterations, max_iters, per_iteration),
                      _devices(run.path), task)
 
@@ -174,20 +177,24 @@ def _devices(path: Path) -> int:
     return size if isinstance(size, int) and size > 0 else 1
 
 
-def _with_spec_speeds(statuses: list[RunStatus], suite_file: str | Path) -> list[RunStatus]:
-    """A run that has no config.yaml yet takes max_iters from its spec file, and one with no speed of its
-    own (not started, queued) its spec's other runs' (the mean), so that the suite's finish counts it."""
+def _with_spec_speeds(statuses: list[RunStatus], suite: Suite, smoke: bool) -> list[RunStatus]:
+    """A run that has no config.yaml yet takes max_iters from its spec file (with the smoke suite's
+    overrides, as run-all trains it), and one with no speed of its own (not started, queued) its spec's
+    other runs' (the mean), so that the suite's finish counts it."""
     speeds: dict[str, list[float]] = {}
     for status in statuses:
         if status.seconds_per_iteration is not None:
             speeds.setdefault(status.name, []).append(status.seconds_per_iteration)
     max_iters: dict[str, int] = {}
     if any(status.max_iters is None for status in statuses):
-        from repro.spec import load_spec  # validating a spec imports torch: only when needed
+        from repro.spec import load_spec, parse_overrides  # validating a spec imports torch: only when needed
 
-        files = spec_index(Path(suite_file).parent)
-        max_iters = {name: load_spec(files[name]).optim.max_iters
-                     for name in {s.name for s in statuses if s.max_iters is None} if name in files}
+        files = spec_index(suite.path.parent)
+        overrides = {key: override_assignments(mapping) for key, mapping in suite.smoke_overrides.items()} if smoke else {}
+        for status in statuses:
+            if status.max_iters is None and status.name in files and status.name not in max_iters:
+                assignments = run_overrides(overrides, status.dataset, status.name)
+                max_iters[status.name] = load_spec(files[status.name], parse_overrides(assignments)).optim.max_iters
     completed = []
     for status in statuses:
         if status.max_iters is None and status.name in max_iters:
@@ -218,8 +225,9 @@ def slurm_tasks(results: Path, asked: bool) -> tuple[dict[Path, SlurmTask], str 
             raise ReproError("--slurm needs Slurm's squeue, which is not on PATH here: run on the cluster's "
                              "login node (or add Slurm's bin folder to PATH)")
         return {}, "squeue is not on PATH here: the Slurm jobs' states are not shown"
+    # one line per array task (--array), named <array job id>_<task id> (%i; %a is empty in some versions)
     listing = subprocess.run(["squeue", "--array", "--noheader", "--user", getpass.getuser(),
-                              "--format=%A|%a|%T|%R|%o"], capture_output=True, text=True)
+                              "--format=%i|%T|%R|%o"], capture_output=True, text=True)
     if listing.returncode:
         message = f"squeue failed (exit code {listing.returncode}): {listing.stderr.strip()}"
         if asked:
@@ -227,13 +235,12 @@ def slurm_tasks(results: Path, asked: bool) -> tuple[dict[Path, SlurmTask], str 
         return {}, message + "; the Slurm jobs' states are not shown"
     tasks = {}
     for line in listing.stdout.splitlines():
-        fields = line.split("|", 4)
-        fields[4:] = [fields[4].strip()] if len(fields) == 5 else []
-        if len(fields) < 5 or fields[4] not in lists or not fields[1].isdigit():
-            continue
-        job, task, state, reason, script = fields
-        if int(task) < len(lists[script]):
-            tasks[Path(lists[script][int(task)]).with_suffix("")] = SlurmTask(f"{job}_{task}", state, reason)
+        job, _, rest = line.partition("|")
+        state, _, rest = rest.partition("|")
+        reason, _, script = rest.partition("|")
+        task = job.partition("_")[2]
+        if script.strip() in lists and task.isdigit() and int(task) < len(lists[script.strip()]):
+            tasks[Path(lists[script.strip()][int(task)]).with_suffix("")] = SlurmTask(job, state, reason)
     return tasks, None
 
 
@@ -289,8 +296,10 @@ def suite_line(status: SuiteStatus) -> str:
             f"{s['device_hours']:,.1f} device-hours so far")
     if s["done"] == s["planned"]:
         return line + "; all runs have ended"
-    if s["projected_finish"] is None:
+    if not s["training"]:
         return line + "; no projected finish while nothing trains"
+    if s["projected_finish"] is None:
+        return line + "; no projected finish before a run has ended an epoch"
     unmeasured = (f", leaving out {s['runs_without_speed']} run{'s' * (s['runs_without_speed'] > 1)} with no "
                   "measured speed" if s["runs_without_speed"] else "")
     return (line + f"; projected finish {time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(s['projected_finish']))}"
