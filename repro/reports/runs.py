@@ -25,7 +25,7 @@ from repro.errors import ReproError, SpecError
 from repro.paper import TABLE4_SCALES
 from repro.reuse import evaluation_path
 from repro.spec import ModelSpec, Spec, load_spec, validate
-from repro.suite.plan import Suite, read_suite, spec_index  # the one parser of the suite file, shared with run-all
+from repro.suite.plan import SAFE_LOADER, Suite, read_suite, spec_index  # the one parser of the suite file, shared with run-all
 
 FINISHED, DIVERGED, IN_PROGRESS, NOT_STARTED = "finished", "diverged", "in progress", "not started"
 DAMAGED = "damaged"  # a file of the run folder cannot be read: the run is named and left out of every number
@@ -127,7 +127,7 @@ def _read_config(path: Path, name: str) -> tuple[dict[str, Any] | None, Network 
     if not path.is_file():
         return None, None
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ReproError(f"{CONFIG}: not valid YAML ({str(error).strip()})") from None
     return config, config_network(name, config, CONFIG)

@@ -106,7 +106,7 @@ class SuiteStatus:
 def read_status(results: Path, suite_file: str | Path, smoke: bool = False, extras: bool = False,
                 slurm: bool = False) -> SuiteStatus:
     """Every planned run (spec, seed) of the suite with its state; reads, never writes or locks."""
-    suite = read_suite(suite_file, smoke=smoke)
+    results, suite = Path(results), read_suite(suite_file, smoke=smoke)
     found = find_runs(results, suite, tail=TAIL_ROWS)
     planned = set(select_names(suite, [], extras))
     runs = [run for name, runs in found.items() for run in runs

@@ -30,6 +30,9 @@ REPRO = [PYTHON, "-m", "repro"]
 DATASETS = ("cifar10", "imagenet")  # the order the runs start in: CIFAR-10's are the shortest
 DATA_FLAGS = {"cifar10": "--data-cifar", "imagenet": "--data-imagenet"}
 GET_DATA = "README.md, section 'Getting the data'"
+# PyYAML's safe loader in libyaml's C when PyYAML was built with it: the same documents, ten times faster
+# (`repro status` reads a config.yaml per run folder)
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 # --- the suite file ------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ def spec_index(experiments: Path) -> dict[str, Path]:
     index: dict[str, Path] = {}
     for path in sorted(experiments.glob("*/*.yaml")):
         try:
-            mapping = yaml.safe_load(path.read_text())
+            mapping = yaml.load(path.read_text(), Loader=SAFE_LOADER)
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             raise SpecError(f"{path}: not valid YAML: {error}") from None
         name = mapping.get("name") if isinstance(mapping, dict) else None
