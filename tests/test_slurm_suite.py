@@ -194,7 +194,8 @@ def test_status_shows_a_running_and_a_queued_task_of_the_suite(cluster, tmp_path
                                       "--cpus-per-task", str(cluster.cpus)])) == 0
 
     def states() -> dict[int, tuple[str, str | None]]:
-        return {r.seed: (r.state, r.slurm.state if r.slurm else None) for r in read_status(results, suite, smoke=True).runs}
+        return {r.seed: (r.state, r.slurm.state if r.slurm else None)
+                for r in read_status(results, suite, smoke=True).runs}
 
     wait_until(lambda: sorted(states().values()) == [("queued", "PENDING"), ("training", "RUNNING")],
                "one task to run and the other to wait", timeout=120)

@@ -47,7 +47,8 @@ def run_folder(results: Path, seed: int, epochs: int = 0, final: str | None = No
     epoch `seconds` long and 1,000 images/s faster than the one before), a checkpoint, final.json."""
     folder = results / "runs" / "cifar_resnet20" / f"seed{seed}"
     folder.mkdir(parents=True)
-    spec = load_spec(EXPERIMENTS / "cifar10" / "resnet20.yaml", parse_overrides([f"optim.max_iters={MAX_ITERS}", "optim.lr_milestones=[500,750]"]))
+    overrides = parse_overrides([f"optim.max_iters={MAX_ITERS}", "optim.lr_milestones=[500,750]"])
+    spec = load_spec(EXPERIMENTS / "cifar10" / "resnet20.yaml", overrides)
     (folder / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     (folder / "env.json").write_text(json.dumps({"starts": [{"world_size": 1}]}))
     with open(folder / "metrics.csv", "w", newline="") as handle:

@@ -25,7 +25,8 @@ from repro.errors import ReproError, SpecError
 from repro.paper import TABLE4_SCALES
 from repro.reuse import evaluation_path
 from repro.spec import ModelSpec, Spec, load_spec, validate
-from repro.suite.plan import SAFE_LOADER, Suite, read_suite, spec_index  # the one parser of the suite file, shared with run-all
+# the one parser of the suite file, shared with run-all
+from repro.suite.plan import SAFE_LOADER, Suite, read_suite, spec_index
 
 FINISHED, DIVERGED, IN_PROGRESS, NOT_STARTED = "finished", "diverged", "in progress", "not started"
 DAMAGED = "damaged"  # a file of the run folder cannot be read: the run is named and left out of every number

@@ -155,9 +155,9 @@ def run_status(run: Run, task: SlurmTask | None) -> RunStatus:
         wall = float(run.final["wall_seconds"])
     else:
         wall = run.iterations * per_iteration if per_iteration is not None else None
-    return RunStatus(run.name, run.seed, run.network.dataset, state, detail, run.iterations, max_iters, train_error, test_error,
-                     images_per_second, per_iteration, wall, _eta(state, run.iterations, max_iters, per_iteration),
-                     _devices(run.path), task)
+    return RunStatus(run.name, run.seed, run.network.dataset, state, detail, run.iterations, max_iters, train_error,
+                     test_error, images_per_second, per_iteration, wall,
+                     _eta(state, run.iterations, max_iters, per_iteration), _devices(run.path), task)
 
 
 def _eta(state: str, iteration: int, max_iters: int | None, per_iteration: float | None) -> float | None:
@@ -190,7 +190,8 @@ def _with_spec_speeds(statuses: list[RunStatus], suite: Suite, smoke: bool) -> l
         from repro.spec import load_spec, parse_overrides  # validating a spec imports torch: only when needed
 
         files = spec_index(suite.path.parent)
-        overrides = {key: override_assignments(mapping) for key, mapping in suite.smoke_overrides.items()} if smoke else {}
+        overrides = ({key: override_assignments(mapping) for key, mapping in suite.smoke_overrides.items()}
+                     if smoke else {})
         for status in statuses:
             if status.max_iters is None and status.name in files and status.name not in max_iters:
                 assignments = run_overrides(overrides, status.dataset, status.name)
