@@ -207,6 +207,25 @@ def test_watch_prints_plain_tables_until_interrupted(suite, tmp_path):
     assert sum(line.startswith("suite: ") for line in lines) >= 1
 
 
+def test_watch_redraws_in_place_on_a_terminal(suite, tmp_path):
+    import pty
+
+    command = [sys.executable, "-m", "repro", "status", "--results", str(tmp_path), "--suite", str(suite),
+               "--watch", "0.1"]
+    parent, child = pty.openpty()
+    watching = subprocess.Popen(command, stdout=child, stderr=subprocess.PIPE)
+    os.close(child)
+    seen = b""
+    while seen.count(b"\x1b[H\x1b[2J") < 2:  # the cursor home, the screen cleared: a redraw
+        chunk = os.read(parent, 65536)
+        assert chunk, watching.stderr.read()
+        seen += chunk
+    watching.send_signal(signal.SIGINT)
+    assert watching.wait(timeout=60) == 0
+    os.close(parent)
+    assert b"suite: 0 of" in seen and b"every 0.1 s" in seen
+
+
 @pytest.mark.slow
 def test_a_run_stopped_with_exit_75_is_stopped_and_resumable(suite, tmp_path):
     from repro.data.generated import write_cifar10
