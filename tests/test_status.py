@@ -250,3 +250,44 @@ def test_a_run_stopped_with_exit_75_is_stopped_and_resumable(suite, tmp_path):
     stopped = next(r for r in read_status(results, suite).runs if r.seed == 0)
     assert stopped.state == "stopped" and stopped.iteration >= 4 and stopped.max_iters == 100000
     assert stopped.eta_seconds is not None and stopped.images_per_second > 0
+
+
+# Holds a lock on a file the way argv[2] says and writes what RunFolder.lock writes, until killed.
+HOLD = """
+import fcntl, os, sys, time
+handle = open(sys.argv[1], "a+")
+(fcntl.flock if sys.argv[2] == "flock" else fcntl.lockf)(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+handle.write(f"host somewhere pid {os.getpid()}\\n")
+handle.flush()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("kind", ["flock", "lockf"])  # lockf: how NFS passes a flock on to the server
+def test_lock_holder_sees_a_held_lock_and_none_after(tmp_path, kind, monkeypatch):
+    from repro import contract
+    from repro.contract import lock_holder
+
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock), kind], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lock_holder(lock) == f"host somewhere pid {holder.pid}"
+        # as from another node: no /proc/locks entry; the F_GETLK query sees the record lock only (a
+        # network file system turns flock into one, a local one keeps them apart)
+        monkeypatch.setattr(contract, "_local_lock_pid", lambda info: None)
+        assert lock_holder(lock) == (f"host somewhere pid {holder.pid}" if kind == "lockf" else None)
+        monkeypatch.undo()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_holder(lock) is None  # released by the OS; the file still names the last holder
+    assert lock_holder(tmp_path / "no such file") is None
+
+
+def test_slurm_without_squeue_is_a_one_line_error(suite, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["status", "--slurm", "--results", str(tmp_path), "--suite", str(suite)]) == EXIT_USAGE
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "squeue" in error
