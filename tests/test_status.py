@@ -167,6 +167,10 @@ def test_an_empty_results_folder_has_every_run_not_started(suite, tmp_path, caps
     assert all(" not started " in line for line in lines[1:-1])
     assert lines[-1].startswith(f"suite: 0 of {SEEDS} runs done (0 finished), 0 training, 0.0 device-hours so far")
     assert list(tmp_path.iterdir()) == [suite.parents[1] / "experiments"]  # nothing written
+
+
+@pytest.mark.slow
+def test_run_all_status_is_repro_status(suite, tmp_path):
     script = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--status", "--json", "--results", str(tmp_path),
                              "--suite", str(suite)], capture_output=True, text=True)
     assert script.returncode == 0, script.stderr
@@ -191,6 +195,7 @@ def test_only_the_end_of_metrics_csv_is_read(suite, tmp_path):
     assert tail_lines(folder / "metrics.csv", 2, block=64).splitlines() == [text[0].strip(), *map(str.strip, text[-2:])]
 
 
+@pytest.mark.slow
 def test_watch_prints_plain_tables_until_interrupted(suite, tmp_path):
     command = [sys.executable, "-m", "repro", "status", "--results", str(tmp_path), "--suite", str(suite),
                "--watch", "0.1"]
@@ -207,6 +212,7 @@ def test_watch_prints_plain_tables_until_interrupted(suite, tmp_path):
     assert sum(line.startswith("suite: ") for line in lines) >= 1
 
 
+@pytest.mark.slow
 def test_watch_redraws_in_place_on_a_terminal(suite, tmp_path):
     import pty
 
