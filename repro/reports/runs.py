@@ -163,7 +163,8 @@ def _read_metrics(path: Path, tail: int | None = None) -> pd.DataFrame | None:
     if missing:
         raise ReproError(f"{METRICS}: no column {', '.join(missing)} (expected {', '.join(METRIC_COLUMNS)})")
     # no rows (a run stopped inside its first epoch) reads as text columns, and is no damage
-    not_numbers = [c for c in METRICS_COLUMNS if not metrics.empty and not pd.api.types.is_numeric_dtype(metrics[c])]
+    not_numbers = [c for c in METRICS_COLUMNS
+                   if not metrics.empty and not pd.api.types.is_numeric_dtype(metrics[c])]
     if not_numbers:
         raise ReproError(f"{METRICS}: column {', '.join(not_numbers)} holds something other than numbers")
     return metrics
