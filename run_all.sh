@@ -6,6 +6,7 @@
 #   ./run_all.sh --test      the test suite
 #   ./run_all.sh --check [--local|--slurm]   check this machine first (repro check): data, disk, GPUs,
 #                            Slurm, a short training burst, and the suite's projected GPU-hours
+#   ./run_all.sh --status [--smoke] [--watch S] [--json] [--slurm]   where each run stands (repro status)
 # `./run_all.sh --help` lists every option. The Python used is $REPRO_PYTHON if set, else ./.venv if
 # present, else the current python3 if it has the dependencies, else a new ./.venv made here.
 set -euo pipefail
@@ -38,10 +39,11 @@ if [ "${1:-}" = "--test" ]; then
     exec "$PY" -m pytest -q "$@"
 fi
 for argument in "$@"; do
-    if [ "$argument" = "--check" ]; then  # anywhere among the options: the others go to repro check
+    # --check or --status, anywhere among the options: the others go to repro check or repro status
+    if [ "$argument" = "--check" ] || [ "$argument" = "--status" ]; then
         others=()
-        for kept in "$@"; do [ "$kept" = "--check" ] || others+=("$kept"); done
-        exec "$PY" -m repro check ${others[@]+"${others[@]}"}
+        for kept in "$@"; do [ "$kept" = "$argument" ] || others+=("$kept"); done
+        exec "$PY" -m repro "${argument#--}" ${others[@]+"${others[@]}"}
     fi
 done
 exec "$PY" -m repro run-all "$@"

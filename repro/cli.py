@@ -116,6 +116,23 @@ def cmd_responses(args: argparse.Namespace) -> None:
     print(compute_responses(args.results, args.suite, args.data, out_dir=args.out, device=args.device))
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from repro.reports.status import run_status_command
+
+    return run_status_command(args)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repro", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -174,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the results folder)")
     p.add_argument("--smoke", action="store_true", help="expect the smoke suite's seed counts")
     p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("status", help="where each run of the suite stands: state, progress, errors, speed, "
+                                           "ETA, Slurm jobs (only reads the run folders)")
+    p.add_argument("--results", help="results folder holding runs/ (default: results; with --smoke, results/smoke)")
+    p.add_argument("--suite", default="experiments/suite.yaml", help="suite file (default: %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="the smoke suite's runs (default folder results/smoke)")
+    p.add_argument("--extras", action="store_true", help="also the suite's extras that have not started")
+    p.add_argument("--slurm", action="store_true",
+                   help="ask squeue for the suite's jobs (without it: when results/slurm/ holds runs lists)")
+    p.add_argument("--watch", type=_seconds, metavar="SECONDS",
+                   help="redraw every SECONDS until Ctrl-C (in place on a terminal, plain lines otherwise)")
+    p.add_argument("--json", action="store_true", help="one JSON object (a line per redraw) instead of the table")
+    p.set_defaults(func=cmd_status)
 
     p = commands.add_parser("responses", help="Fig. 7: std of each 3x3 layer's response, from final checkpoints")
     p.add_argument("--results", default="results")

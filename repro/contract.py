@@ -5,8 +5,12 @@ Nothing here imports torch or pandas: the launcher, the Slurm scripts and the re
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import signal
+import struct
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 LATEST, PREVIOUS = "last.pt", "prev.pt"
 LOCK = ".lock"  # flock'ed by the one process that trains the run; holds its host and pid
 DAMAGED = "damaged"  # unreadable checkpoints are moved into checkpoints/damaged/, never deleted
+EVENTS = "events.out.tfevents"  # run.tensorboard: TensorBoard's event files (their names begin so), a view of the CSV
 
 # metrics.csv. `train_images` counts the epoch's training images; `partial` is 1 on the last row
 # when training stopped inside an epoch (the curves keep it, the claims read full epochs only).
@@ -45,6 +50,61 @@ def metric_columns(dataset: str) -> tuple[str, ...]:
 
 def run_path(results: str | Path, name: str, seed: int) -> Path:
     return Path(results) / "runs" / name / f"seed{seed}"
+
+
+def lock_holder(lock_file: str | Path) -> str | None:
+    """Who holds a run's lock ("host H pid P", as the holder wrote it into the file), or None when nobody
+    does. It only looks: taking the lock, even for an instant, could make a trainer starting then fail.
+    A lock held on this machine shows in /proc/locks; one held by another node of a network file system
+    (NFS emulates flock with a whole-file record lock) shows to an F_GETLK query."""
+    try:
+        info = os.stat(lock_file)
+    except OSError:
+        return None
+    pid = _local_lock_pid(info) or _record_lock_pid(lock_file)
+    if pid is None:
+        return None
+    try:
+        recorded = Path(lock_file).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        recorded = ""
+    return recorded or f"pid {pid}"  # empty between the holder's flock and its write
+
+
+_PROC_LOCK = re.compile(r"\d+:\s+(FLOCK|POSIX|OFDLCK)\s+\S+\s+\S+\s+(-?\d+)\s+([0-9a-f]+):([0-9a-f]+):(\d+)\s")
+
+
+def _local_lock_pid(info: os.stat_result) -> int | None:
+    """The pid of a lock on the file `info` describes, from /proc/locks (Linux; waiters, `->`, left out)."""
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        found = _PROC_LOCK.match(line)
+        if found and int(found.group(5)) == info.st_ino and (int(found.group(3), 16), int(found.group(4), 16)) == (
+                os.major(info.st_dev), os.minor(info.st_dev)):
+            return int(found.group(2))
+    return None
+
+
+def _record_lock_pid(lock_file: str | Path) -> int | None:
+    """The pid an F_GETLK query names for a lock on the whole file (Linux's struct flock on 64 bits)."""
+    if not sys.platform.startswith("linux") or struct.calcsize("P") != 8:
+        return None
+    layout = "hhqqi4x"  # l_type, l_whence, l_start, l_len, l_pid
+    try:
+        handle = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        answer = fcntl.fcntl(handle, fcntl.F_GETLK, struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError:
+        return None
+    finally:
+        os.close(handle)
+    kind, _, _, _, pid = struct.unpack(layout, answer)
+    return None if kind == fcntl.F_UNLCK else pid
 
 
 # --- data -----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from repro.errors import ReproError
 from repro.hardware import Switches, probe, resolve_switches
 from repro.reuse.networks import build_network
 from repro.run_folder import RunFolder, RunLocked, refuse_other_recipe
+from repro.scalars import Scalars
 from repro.schedule import LearningRate
 from repro.spec import Spec
 
@@ -193,6 +194,7 @@ class Trainer:
                  device: torch.device, switches: Switches):
         self.spec, self.folder, self.processes, self.device, self.switches = spec, folder, processes, device, switches
         self.columns = metric_columns(spec.data.dataset)
+        self.scalars = Scalars(spec.run.tensorboard, folder.path, processes.is_main)  # a view of the CSV, opt-in
         torch.manual_seed(spec.seed)  # the same He initialisation on every process
         self.pipeline = build_pipeline(spec, data_root, device, processes, switches)
         self.unreadable = getattr(self.pipeline, "unreadable", None)  # ImageNet: damaged files skipped
@@ -254,6 +256,7 @@ class Trainer:
         if self.processes.is_main:
             save_checkpoint(self.folder.checkpoints, state)
             self.folder.write_metrics(self.state.rows, self.columns)
+            self.scalars.epochs(self.state.rows)
         self.processes.barrier()
 
     # --- the recipe ----------------------------------------------------------------------------
@@ -304,6 +307,7 @@ class Trainer:
                     self.state.window_sums.add(stats[1:], len(y))
                 self.state.iteration += 1
                 self.state.batch += 1
+                self.scalars.step(self.state.iteration, self.state.lr, stats, len(y))
                 self.check_warmup()
                 # the last iteration closes its epoch first: a stop there would leave it open
                 if self.state.iteration < max_iters and self.should_stop(stop):
@@ -460,7 +464,8 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
                 trainer.log_unreadable()
                 progress = progress_display(spec.run.progress, trainer.pipeline.batches_per_epoch,
                                             processes.is_main)
-                return trainer.run(stop, progress)
+                with trainer.scalars.open(trainer.state.iteration, trainer.state.rows):
+                    return trainer.run(stop, progress)
         except OSError as error:  # a full or read-only disk: atomic writes left the last good files
             where = f" {error.filename}" if error.filename else ""
             raise ReproError(f"I/O error on{where}: {error.strerror or error}. The run folder keeps its last "

@@ -113,6 +113,7 @@ class RunSpec(_Section):
     cuda_graphs: Union[Auto, bool] = "auto"  # CIFAR: the whole training step as one CUDA graph; auto: on CUDA
     data_on_device: bool = True  # CIFAR: the whole uint8 dataset on the device, augmented there
     progress: Literal["auto", "bar", "log"] = "auto"  # a bar on a terminal, log lines otherwise
+    tensorboard: bool = False  # also write metrics.csv's numbers and each iteration's loss as TensorBoard events
 
     @model_validator(mode="before")
     @classmethod

@@ -174,3 +174,33 @@ def test_a_job_script_for_an_awkward_results_path_runs_as_written(cluster, tmp_p
     wait_until(lambda: "end: exit code 0" in text(slurm_log), "the job to end", timeout=60)
     assert arguments.read_text().split("\0")[:-1] == ["-m", "repro", *plan.train_arguments(array.runs[0])]
     assert "end: exit code 0" in text(array.runs[0].log)
+
+
+@pytest.mark.slow
+def test_status_shows_a_running_and_a_queued_task_of_the_suite(cluster, tmp_path, capsys):
+    from repro.reports.status import read_status, render_table
+
+    suite = tmp_path / "experiments" / "suite.yaml"
+    (suite.parent / "cifar10").mkdir(parents=True)
+    for spec in ("base.yaml", "resnet20.yaml"):
+        shutil.copy(EXPERIMENTS / "cifar10" / spec, suite.parent / "cifar10" / spec)
+    # runs long enough to be seen training; each task takes every CPU of the node, so one waits
+    long = {**SUITE["smoke"]["overrides"]["cifar10"], "optim.max_iters": 100_000, "optim.lr_milestones": [50_000]}
+    suite.write_text(yaml.safe_dump({**SUITE, "smoke": {**SUITE["smoke"], "overrides": {"cifar10": long}}}))
+    results = tmp_path / "results"
+    parser = argparse.ArgumentParser()
+    add_run_all_arguments(parser)
+    assert run_all(parser.parse_args(["--smoke", "--slurm", "--suite", str(suite), "--results", str(results),
+                                      "--cpus-per-task", str(cluster.cpus)])) == 0
+
+    def states() -> dict[int, tuple[str, str | None]]:
+        return {r.seed: (r.state, r.slurm.state if r.slurm else None)
+                for r in read_status(results, suite, smoke=True).runs}
+
+    wait_until(lambda: sorted(states().values()) == [("queued", "PENDING"), ("training", "RUNNING")],
+               "one task to run and the other to wait", timeout=120)
+    status = read_status(results, suite, smoke=True)
+    array = re.search(r"submitted job array (\d+)", capsys.readouterr().out).group(1)
+    assert {r.slurm.job for r in status.runs} == {f"{array}_0", f"{array}_1"}
+    table = render_table(status)
+    assert "queued (Slurm)" in table and "RUNNING" in table and "PENDING" in table, table

@@ -8,6 +8,7 @@ What a run trained (dataset, depth, plain or residual, shortcut) comes from its 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -24,7 +25,8 @@ from repro.errors import ReproError, SpecError
 from repro.paper import TABLE4_SCALES
 from repro.reuse import evaluation_path
 from repro.spec import ModelSpec, Spec, load_spec, validate
-from repro.suite.plan import Suite, read_suite, spec_index  # the one parser of the suite file, shared with run-all
+# the one parser of the suite file, shared with run-all
+from repro.suite.plan import SAFE_LOADER, Suite, read_suite, spec_index
 
 FINISHED, DIVERGED, IN_PROGRESS, NOT_STARTED = "finished", "diverged", "in progress", "not started"
 DAMAGED = "damaged"  # a file of the run folder cannot be read: the run is named and left out of every number
@@ -126,23 +128,43 @@ def _read_config(path: Path, name: str) -> tuple[dict[str, Any] | None, Network 
     if not path.is_file():
         return None, None
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ReproError(f"{CONFIG}: not valid YAML ({str(error).strip()})") from None
     return config, config_network(name, config, CONFIG)
 
 
-def _read_metrics(path: Path) -> pd.DataFrame | None:
+def tail_lines(path: Path, count: int, block: int = 4096) -> str:
+    """The first line of a text file (a CSV's header) and its last `count` lines, read from its end: a
+    file's size does not matter."""
+    with open(path, "rb") as handle:
+        header = handle.readline()
+        end = handle.seek(0, io.SEEK_END)
+        start, data = end, b""
+        # one more line break than lines wanted: the first line read may be cut
+        while start > len(header) and data.count(b"\n") <= count:
+            start = max(len(header), start - block)
+            handle.seek(start)
+            data = handle.read(end - start)
+    lines = data.splitlines(keepends=True)
+    if start > len(header):
+        lines = lines[1:]
+    return (header + b"".join(lines[-count:])).decode()
+
+
+def _read_metrics(path: Path, tail: int | None = None) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        metrics = pd.read_csv(path)
+        metrics = pd.read_csv(path if tail is None else io.StringIO(tail_lines(path, tail)))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise ReproError(f"{METRICS}: not a readable CSV ({str(error).strip()})") from None
     missing = [c for c in METRICS_COLUMNS if c not in metrics.columns]
     if missing:
         raise ReproError(f"{METRICS}: no column {', '.join(missing)} (expected {', '.join(METRIC_COLUMNS)})")
-    not_numbers = [c for c in METRICS_COLUMNS if not pd.api.types.is_numeric_dtype(metrics[c])]
+    # no rows (a run stopped inside its first epoch) reads as text columns, and is no damage
+    not_numbers = [c for c in METRICS_COLUMNS
+                   if not metrics.empty and not pd.api.types.is_numeric_dtype(metrics[c])]
     if not_numbers:
         raise ReproError(f"{METRICS}: column {', '.join(not_numbers)} holds something other than numbers")
     return metrics
@@ -162,13 +184,14 @@ def _read_final(path: Path) -> dict[str, Any] | None:
     return final
 
 
-def read_run(run_dir: str | Path, name: str, seed: int) -> Run:
+def read_run(run_dir: str | Path, name: str, seed: int, tail: int | None = None) -> Run:
     """A run's state from its files. A file that cannot be read makes the run DAMAGED, with the reason on
-    one line: a report names it, leaves it out of every number and goes on with the others."""
+    one line: a report names it, leaves it out of every number and goes on with the others. `tail`: only
+    the last rows of metrics.csv (what `repro status` shows)."""
     path = Path(run_dir)
     try:
         config, network = _read_config(path / CONFIG, name)
-        metrics, final = _read_metrics(path / METRICS), _read_final(path / FINAL)
+        metrics, final = _read_metrics(path / METRICS, tail), _read_final(path / FINAL)
     except ReproError as error:
         return Run(name, seed, path, DAMAGED, problem=" ".join(str(error).split()))
     if final is not None:
@@ -184,12 +207,13 @@ def spec_file_network(suite: Suite, spec_files: dict[str, Path], name: str) -> N
     return Network.of(load_spec(spec_files[name]))
 
 
-def find_runs(results_dir: str | Path, suite: Suite) -> dict[str, list[Run]]:
+def find_runs(results_dir: str | Path, suite: Suite, tail: int | None = None) -> dict[str, list[Run]]:
     """Every run the suite expects, by spec name: seeds 0..K-1 (K from the suite's `seeds` for the
     spec's dataset), plus any other seed folder found beside them; a run with no folder is not started.
 
     Every run of a spec carries the spec's Network: from the config.yaml of its first run that has a
-    readable one (what was trained), else from the spec file beside the suite (nothing has started)."""
+    readable one (what was trained), else from the spec file beside the suite (nothing has started).
+    `tail`: only the last rows of each metrics.csv."""
     results = Path(results_dir)
     if not results.is_dir():
         raise ReproError(f"results folder {results} does not exist; pass --results with the folder that "
@@ -198,7 +222,7 @@ def find_runs(results_dir: str | Path, suite: Suite) -> dict[str, list[Run]]:
     found = {}
     for name in suite.names():
         folder = results / "runs" / name
-        started = [read_run(p, name, int(m.group(1))) for p in sorted(folder.iterdir())
+        started = [read_run(p, name, int(m.group(1)), tail) for p in sorted(folder.iterdir())
                    if (m := _SEED_FOLDER.fullmatch(p.name)) and p.is_dir()] if folder.is_dir() else []
         network = next((r.network for r in started if r.network is not None), None)
         network = network or spec_file_network(suite, spec_files, name)

@@ -245,10 +245,14 @@ def _directives(options: list[str]) -> str:
     return "\n".join(f"#SBATCH {option}" for option in options)
 
 
+def array_files(results: Path, dataset: str) -> tuple[Path, Path]:
+    """The job script of a dataset's array and its runs list, in <results>/slurm/ (`repro status` reads them)."""
+    folder = results / "slurm"
+    return folder / f"{dataset}_array.sh", folder / f"{dataset}_runs.txt"
+
+
 def arrays(plan: Plan) -> list[Array]:
-    folder = plan.results / "slurm"
-    return [Array(d, plan.pending(d), folder / f"{d}_array.sh", folder / f"{d}_runs.txt")
-            for d in plan.data if plan.pending(d)]
+    return [Array(d, plan.pending(d), *array_files(plan.results, d)) for d in plan.data if plan.pending(d)]
 
 
 def check_sbatch() -> None:
