@@ -239,6 +239,7 @@ def test_a_second_process_on_the_same_run_exits_at_once_and_writes_nothing(data,
         first.wait()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_under_another_map_location_than_it_was_saved_with(data, tmp_path, monkeypatch):
     """Issue 18: a resume on a GPU read the checkpoint onto the GPU, RNG states included, which torch
     cannot restore. "meta" stands in for the GPU on the loading path: the checkpoint saved on the CPU
