@@ -186,7 +186,7 @@ def bench_imagenet_data(root: str | Path, workers=(1, 2), batches: int = 20, bat
             for path in paths:
                 dataset = _training_samples(path, folder, seed, device)
                 sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, batch_size=batch_size)
-                loader = make_loader(dataset, sampler, batch_size, count, pin_memory=device.type == "cuda",
+                loader = make_loader(dataset, sampler, count, pin_memory=device.type == "cuda",
                                      persistent_workers=True)
                 streams[path] = _endless_batches(loader, sampler)
                 for _ in range(warmup_batches):

@@ -90,26 +90,28 @@ def _move_aside(path: Path) -> Path:
     return target
 
 
-# RNG states as tensors and plain types: what weights_only=True reads back.
+# RNG states as tensors and plain types: what weights_only=True reads back. The CUDA state is that of
+# the current device alone (each process's own GPU): a resume may see fewer GPUs than the save did.
 def rng_states() -> dict[str, Any]:
     kind, keys, position, has_gauss, cached = np.random.get_state()
     states = {"python": random.getstate(), "torch": torch.get_rng_state(),
               "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
                         "has_gauss": has_gauss, "cached_gaussian": cached}}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
+    """The states of rng_states(), read onto the CPU (torch refuses a state held on a device)."""
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy = states["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+    np.random.set_state((numpy["kind"], numpy["keys"].cpu().numpy().astype(np.uint32), numpy["position"],
                          numpy["has_gauss"], numpy["cached_gaussian"]))
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"].cpu())
 
 
 def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

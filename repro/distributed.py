@@ -45,20 +45,32 @@ class Processes:
         return bool(value.item())
 
 
-def init_processes(device_type: str) -> Processes:
-    """Join the process group that torchrun describes in the environment; one process otherwise."""
+def launched_processes() -> Processes:
+    """Who this process is, as the launcher (torchrun) says in the environment (RANK, LOCAL_RANK,
+    WORLD_SIZE); one process where it says nothing. Read before anything else, without joining the
+    process group (init_processes), so that a bad setting stops every process at once."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Processes()
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        try:
-            dist.init_process_group(backend)
-        except Exception as error:  # a rendezvous that fails should say where it tried
-            raise ReproError(f"could not join the process group ({backend} backend, "
-                             f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
-                             f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {error}") from None
-    return Processes(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    return Processes(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+
+
+def init_processes(processes: Processes, device: torch.device) -> Processes:
+    """Join the process group of `processes` (nothing to join for one): NCCL for a CUDA device, gloo
+    otherwise. For NCCL, `device` must already be this process's current device
+    (torch.cuda.set_device), and device_id binds the communicator to it: otherwise the collectives
+    of init_process_group and of a first barrier run on GPU 0, where every rank would open a
+    context, and they can hang where a rank's GPU is not GPU 0."""
+    if not processes.distributed or dist.is_initialized():
+        return processes
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    except Exception as error:  # a rendezvous that fails should say where it tried
+        raise ReproError(f"could not join the process group ({backend} backend, "
+                         f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                         f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {error}") from None
+    return Processes(dist.get_rank(), processes.local_rank, processes.world_size)
 
 
 def close_processes(processes: Processes) -> None:

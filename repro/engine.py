@@ -25,7 +25,7 @@ from torch import nn
 from repro.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from repro.contract import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, metric_columns
 from repro.data import build_pipeline
-from repro.distributed import Processes, close_processes, init_processes, sync_batchnorm
+from repro.distributed import Processes, close_processes, init_processes, launched_processes, sync_batchnorm
 from repro.errors import ReproError
 from repro.hardware import Switches, probe, resolve_switches
 from repro.reuse.networks import build_network
@@ -51,6 +51,16 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device(requested)
 
 
+def refuse_uneven_batch(spec: Spec, processes: Processes) -> None:
+    """Each process trains on an equal share of the mini-batch: DDP averages the processes' gradients
+    with equal weights, so unequal shares would not be the gradient of the mini-batch. (Evaluation
+    batches need not divide: evaluation sums over images.)"""
+    if spec.optim.batch_size % processes.world_size:
+        raise ReproError(f"optim.batch_size {spec.optim.batch_size} does not divide over {processes.world_size} "
+                         f"processes: each process takes an equal share of a mini-batch; set optim.batch_size "
+                         f"to a multiple of {processes.world_size} or start another number of processes")
+
+
 class StopSignals:
     """Remembers a stop signal until the training loop can checkpoint at a step boundary."""
 
@@ -65,6 +75,13 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+
+    def cause(self) -> str:
+        """What stopped the run, as this process knows it: a process stops when any process of the run
+        received a signal (Trainer.should_stop), and the main process that logs it may not be that one."""
+        if self.received is None:
+            return "a stop signal that another process received"
+        return f"signal {signal.Signals(self.received).name}"
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -124,6 +141,8 @@ def evaluate(model: nn.Module, batches, autocast, processes: Processes, device: 
     model.eval()
     sums = DeviceSums(3, device)  # loss, top-1 wrong, top-5 wrong
     for x, y in batches:
+        if not len(y):  # a process's share of a last batch smaller than the number of processes
+            continue
         crops = x.shape[1] if x.dim() == 5 else 1
         with autocast:
             logits = model(x.flatten(0, 1) if crops > 1 else x).float()
@@ -263,7 +282,7 @@ class Trainer:
     def run(self, stop: StopSignals, progress) -> int:
         """Epochs of SGD until max_iters, each closed by a test pass, a CSV row and a checkpoint."""
         if self.should_stop(stop, every_iteration=True):  # a stop during start-up: nothing trained yet
-            self.log(f"stopped by signal {stop.received} before training; run the same command to resume")
+            self.log(f"stopped by {stop.cause()} before training; run the same command to resume")
             return EXIT_PREEMPTED
         # `batch > 0` at max_iters: an epoch left open by an older version's stop on the last step
         while self.state.iteration < self.spec.optim.max_iters or self.state.batch > 0:
@@ -272,7 +291,7 @@ class Trainer:
             if stopped:
                 self.state.wall_seconds += time.perf_counter() - epoch_start
                 self.save()
-                self.log(f"stopped by signal {stop.received} at iteration {self.state.iteration}; "
+                self.log(f"stopped by {stop.cause()} at iteration {self.state.iteration}; "
                          "checkpoint saved, run the same command to resume")
                 return EXIT_PREEMPTED
             row = self.end_epoch()
@@ -285,7 +304,7 @@ class Trainer:
                 self.log("the training loss is not finite: the run diverged (final.json says so)")
                 return EXIT_DIVERGED
             if self.state.iteration < self.spec.optim.max_iters and self.should_stop(stop, every_iteration=True):
-                self.log(f"stopped by signal {stop.received} after epoch {row['epoch']}; run the same "
+                self.log(f"stopped by {stop.cause()} after epoch {row['epoch']}; run the same "
                          "command to resume")
                 return EXIT_PREEMPTED
         self.finish("finished")
@@ -435,7 +454,12 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
     (one process per run), the data, and the checkpoint's recipe."""
     folder = RunFolder.of(results, spec)
     with StopSignals() as stop:  # from the first moment: a stop during start-up also exits 75
-        processes = init_processes("cuda" if spec.run.device != "cpu" and torch.cuda.is_available() else "cpu")
+        processes = launched_processes()
+        refuse_uneven_batch(spec, processes)
+        device = resolve_device(spec.run.device, processes.local_rank)
+        if device.type == "cuda":  # before the process group, whose NCCL communicator binds to it
+            torch.cuda.set_device(device)
+        processes = init_processes(processes, device)
         try:
             if restart and processes.is_main and (kept := folder.restart()):
                 print(f"kept the earlier run folder as {kept}; starting over")
@@ -444,9 +468,6 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
             if folder.finished():
                 print(f"{folder.path} is finished ({folder.final.name} exists): nothing to do")
                 return EXIT_OK
-            device = resolve_device(spec.run.device, processes.local_rank)
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
             capabilities = probe(device)
             switches = resolve_switches(spec.run, capabilities, spec.data.dataset, processes.distributed)
             with _exclusive(folder, processes, device):
@@ -492,11 +513,13 @@ def _exclusive(folder: RunFolder, processes: Processes, device: torch.device):
 
 def _resume(trainer: Trainer, folder: RunFolder, processes: Processes) -> bool:
     """Load the newest readable checkpoint (the main process first: it moves damaged files aside)
-    after checking its recipe; False for a fresh start. Results without a checkpoint are an error."""
+    after checking its recipe; False for a fresh start. Results without a checkpoint are an error.
+    It is read onto the CPU, wherever it was saved: the RNG states must be CPU tensors, and
+    load_state_dict copies the network's and the optimizer's tensors to the device of the parameters."""
     state = None
     for turn in (True, False):  # the main process, then the others
         if processes.is_main == turn:
-            state = load_checkpoint(folder.checkpoints, map_location=trainer.device, move_damaged=turn)
+            state = load_checkpoint(folder.checkpoints, map_location="cpu", move_damaged=turn)
         processes.barrier()
     if state is None:
         if processes.is_main:

@@ -46,6 +46,10 @@ class GraphedTrainStep:
             return stats
         if self.graph is None:
             self._capture(x, y)
+        if x.shape != self.static_x.shape or y.shape != self.static_y.shape:
+            # copy_ would broadcast a smaller batch into the captured one without a word
+            raise ValueError(f"the CUDA graph was captured for batches of {tuple(self.static_x.shape)} images and "
+                             f"{tuple(self.static_y.shape)} labels; got {tuple(x.shape)} and {tuple(y.shape)}")
         self.static_x.copy_(x)
         self.static_y.copy_(y)
         self.lr.fill_(lr)

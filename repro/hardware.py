@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from repro.errors import ReproError
 from repro.spec import RunSpec
 
 
@@ -29,8 +30,9 @@ class Capabilities:
 
 def probe(device: torch.device) -> Capabilities:
     if device.type == "cuda":
+        # including_emulation=False: without it, pre-Ampere GPUs, which emulate bf16 slowly, count too
         return Capabilities("cuda", torch.cuda.get_device_name(device), torch.backends.cpu.get_cpu_capability(),
-                            torch.cuda.is_bf16_supported())
+                            torch.cuda.is_bf16_supported(including_emulation=False))
     return Capabilities("cpu", cpu_model(), torch.backends.cpu.get_cpu_capability(),
                         bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
@@ -79,6 +81,9 @@ def resolve_switches(run: RunSpec, capabilities: Capabilities, dataset: str, dis
                       "runs through slow fallbacks here (measured 12-17x slower than fp32 on an AVX2 CPU)",
                       stacklevel=2)
     data_on_device = run.data_on_device and dataset == "cifar10"
+    if run.cuda_graphs is True and (distributed or dataset != "cifar10"):
+        raise ReproError(f"run.cuda_graphs=true graphs the CIFAR step of one process; this run is "
+                         f"{'distributed (DDP)' if distributed else dataset}: set run.cuda_graphs=auto or false")
     # One graph replays a CIFAR step's ~470 kernel launches at once; it needs static input buffers (the
     # device-resident data) and one process (DDP's hooks inside a graph are not worth their risk here).
     cuda_graphs = (cuda and data_on_device and not distributed) if run.cuda_graphs == "auto" else (

@@ -63,6 +63,8 @@ def test_workers_send_jpeg_bytes_and_decode_the_rest(small_root, tmp_path):
             modes.setdefault((image.format, image.mode), set()).add(sample.compressed)
         if not sample.compressed:
             assert sample.data.dim() == 3 and sample.data.dtype == torch.uint8  # decoded pixels
+        else:  # the file's bytes, which a worker sends inside the batch's pickle, not as a shared-memory tensor
+            assert type(sample.data) is bytes and sample.data == open(path, "rb").read()
     assert modes == {("JPEG", "RGB"): {True}, ("JPEG", "L"): {True}, ("JPEG", "CMYK"): {False},
                      ("PNG", "RGB"): {False}}
 
@@ -98,7 +100,7 @@ def test_broken_files_are_skipped_as_on_the_cpu_path(small_root, tmp_path, keep_
     broken[2].write_bytes((folder / "n00000002_train_0.JPEG").read_bytes()[:1000])
     _, gpu = _both_paths(root, train_plan if keep_batch_size else center_plan, keep_batch_size)
     sampler = EpochSampler(len(gpu), shuffle=keep_batch_size, seed=0, batch_size=4)  # 24 images
-    loader = make_loader(gpu, sampler, 4, workers=1, pin_memory=False, persistent_workers=False)
+    loader = make_loader(gpu, sampler, workers=1, pin_memory=False, persistent_workers=False)
     with pytest.warns(UnreadableImageWarning) as caught:
         sizes = [len(targets) for _, targets in loader]
     if keep_batch_size:
@@ -132,7 +134,7 @@ def test_imagenet_datasets_on_the_gpu_path(small_root, tmp_path):
     root = shutil.copytree(small_root, tmp_path / "imagenet")
     data = imagenet_sets.imagenet_datasets(root, seed=0, mean_sample_size=3, decode="gpu", device="cuda")
     sampler = EpochSampler(len(data.train), shuffle=True, seed=0, batch_size=4)
-    loader = make_loader(data.train, sampler, 4, workers=1, pin_memory=True, persistent_workers=False,
+    loader = make_loader(data.train, sampler, workers=1, pin_memory=True, persistent_workers=False,
                          unreadable=data.unreadable)
     images, targets = next(iter(loader))
     assert images.is_cuda and images.shape == (4, 3, CROP, CROP) and targets.is_cuda

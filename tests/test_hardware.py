@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+from repro.errors import ReproError
 from repro.hardware import Capabilities, probe, resolve_switches
 from repro.spec import RunSpec
 
@@ -58,6 +59,14 @@ def test_cuda_only_switches_stay_off_on_a_cpu_and_graphs_need_device_resident_ci
     assert imagenet.compile and not imagenet.cuda_graphs and not imagenet.data_on_device
 
 
+@pytest.mark.parametrize("dataset, distributed", [("imagenet", False), ("cifar10", True)], ids=["imagenet", "ddp"])
+def test_explicit_cuda_graphs_are_refused_where_the_graphed_step_does_not_apply(dataset, distributed):
+    with pytest.raises(ReproError, match="run.cuda_graphs=true") as refused:
+        resolve_switches(RunSpec(cuda_graphs=True), H100, dataset, distributed)
+    assert "\n" not in str(refused.value)
+    assert not resolve_switches(RunSpec(), H100, dataset, distributed).cuda_graphs  # auto: simply off
+
+
 def test_the_old_bf16_key_names_its_replacement():
     with pytest.raises(ValueError, match="run.precision"):
         RunSpec(bf16=True)
@@ -67,3 +76,15 @@ def test_the_probe_reads_this_machine():
     here = probe(torch.device("cpu"))
     assert here.device_type == "cpu" and here.name and here.cpu_capability
     assert here.native_bf16 == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_a_gpu_that_emulates_bf16_has_no_native_bf16(monkeypatch):
+    """Issue 18: is_bf16_supported() counts emulation, which pre-Ampere GPUs (a V100, a T4) have."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert probe(torch.device("cuda", 0)).native_bf16 is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="probing a GPU needs a CUDA GPU")
+def test_the_probe_reads_native_bf16_from_the_gpus_architecture():
+    assert probe(torch.device("cuda", 0)).native_bf16 == (torch.cuda.get_device_capability(0) >= (8, 0))

@@ -313,6 +313,19 @@ def test_lighting_adds_one_colour_along_the_eigenvectors():
         torch.testing.assert_close(weights / eigval, alpha, atol=1e-4, rtol=1e-3)
 
 
+def test_normalize_makes_no_tensor_per_batch(monkeypatch):
+    """Issue 18: the eigenvalues and eigenvectors built on the device for every training batch were two
+    host-to-device copies a step, each a host sync on a GPU; they are made once per device."""
+    crops = torch.randint(0, 256, (4, 3, CROP, CROP), dtype=torch.uint8)
+    alpha = torch.randn(4, 3) * LIGHTING_STD
+    first = normalize(crops, torch.zeros(3, CROP, CROP), alpha)
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made.append(args) or real(*args, **kwargs))
+    again = normalize(crops, torch.zeros(3, CROP, CROP), alpha)
+    assert made == [] and torch.equal(again, first)
+
+
 def test_normalize_subtracts_the_mean_on_the_unit_scale():
     crops = torch.full((2, 3, CROP, CROP), 255, dtype=torch.uint8)
     mean = torch.full((3, CROP, CROP), 0.25)
@@ -431,14 +444,14 @@ def test_unwritable_data_cache_falls_back_to_user_cache(root_copy, monkeypatch, 
 # ---- sampling --------------------------------------------------------------------------------
 
 def _indices(sampler):
-    return [index for _, index in sampler]
+    return [index for batch in sampler for _, index in batch]
 
 
 def test_epoch_sampler_is_a_seeded_permutation_per_epoch():
     sampler = EpochSampler(50, shuffle=True, seed=3, batch_size=10)
     first = _indices(sampler)
     assert sorted(first) == list(range(50)) and first != list(range(50))
-    assert {epoch for epoch, _ in sampler} == {0}
+    assert {epoch for batch in sampler for epoch, _ in batch} == {0}
     assert _indices(EpochSampler(50, shuffle=True, seed=3, batch_size=10)) == first
     assert _indices(EpochSampler(50, shuffle=True, seed=4, batch_size=10)) != first
     sampler.set_epoch(1)
@@ -449,15 +462,15 @@ def test_epoch_sampler_is_a_seeded_permutation_per_epoch():
 
 def test_training_drops_the_partial_global_batch_and_evaluation_keeps_all():
     train = EpochSampler(53, shuffle=True, seed=0, batch_size=10)
-    assert len(train) == 50 and len(set(_indices(train))) == 50 and train.num_batches == 5
+    assert len(train) == 5 and len(set(_indices(train))) == 50 and train.num_batches == 5
     evaluation = EpochSampler(53, shuffle=False, seed=0, batch_size=10)
-    assert _indices(evaluation) == list(range(53)) and evaluation.num_batches == 6
+    assert _indices(evaluation) == list(range(53)) and evaluation.num_batches == len(evaluation) == 6
 
 
 def test_start_batch_gives_the_tail_of_the_epoch():
     full = _indices(EpochSampler(60, shuffle=True, seed=1, batch_size=8, epoch=2))
     resumed = EpochSampler(60, shuffle=True, seed=1, batch_size=8, epoch=2, start_batch=3)
-    assert _indices(resumed) == full[24:56] and len(resumed) == 32
+    assert _indices(resumed) == full[24:56] and len(resumed) == 4
     resumed.set_epoch(3)  # the next epoch starts at its beginning
     assert len(_indices(resumed)) == 56
 
@@ -479,14 +492,31 @@ def test_global_batches_do_not_depend_on_world_size(shuffle):
         assert len(ranks[0]) == 4 * full + 3 and len(ranks[1]) == 4 * full + 2
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_evaluation_counts_every_image_once_at_any_world_size(world_size):
+    # the shipped ImageNet eval_batch_size 250 divides by neither 4 nor 8 (issue 18); 520 images leave
+    # a last batch of 20, and 5 images a batch where some ranks get nothing at world size 8
+    for n in (520, 5):
+        single = [_indices_of(b) for b in EpochSampler(n, shuffle=False, seed=0, batch_size=250)]
+        ranks = [[_indices_of(b) for b in EpochSampler(n, shuffle=False, seed=0, batch_size=250, rank=r,
+                                                       world_size=world_size)] for r in range(world_size)]
+        assert sorted(i for batches in ranks for batch in batches for i in batch) == list(range(n))
+        assert all(batch for batches in ranks for batch in batches)  # a rank's empty part is no batch
+        for b, batch in enumerate(single):  # each global batch is the ranks' parts, in rank order
+            parts = [batches[b] for batches in ranks if b < len(batches)]
+            assert [i for part in parts for i in part] == batch
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def _indices_of(batch):
+    return [index for _, index in batch]
+
+
 def test_bad_sampler_arguments():
     with pytest.raises(ValueError, match="not divisible by world_size"):
         EpochSampler(10, shuffle=True, seed=0, batch_size=5, world_size=2)
     with pytest.raises(ValueError, match="start_batch 6"):
         EpochSampler(10, shuffle=True, seed=0, batch_size=2, start_batch=6)
-    sampler = EpochSampler(10, shuffle=True, seed=0, batch_size=4, world_size=2)
-    with pytest.raises(ValueError, match="per-rank batch 2"):
-        make_loader([], sampler, 4, workers=0, pin_memory=False, persistent_workers=False)
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(small_root):
@@ -495,7 +525,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(small_root):
     def epoch_batches(workers, start_batch, world_size=1, rank=0):
         sampler = EpochSampler(len(dataset), shuffle=True, seed=7, batch_size=4, epoch=1,
                                start_batch=start_batch, world_size=world_size, rank=rank)
-        loader = make_loader(dataset, sampler, 4 // world_size, workers, pin_memory=False,
+        loader = make_loader(dataset, sampler, workers, pin_memory=False,
                              persistent_workers=False)
         return torch.cat([images for images, _ in loader])
 
@@ -520,7 +550,7 @@ def _plant_broken_files(root, split, folder="n00000001"):
 
 def _loader(dataset, batch_size, workers=0):
     sampler = EpochSampler(len(dataset), shuffle=dataset.keep_batch_size, seed=0, batch_size=batch_size)
-    return sampler, make_loader(dataset, sampler, batch_size, workers, pin_memory=False, persistent_workers=True)
+    return sampler, make_loader(dataset, sampler, workers, pin_memory=False, persistent_workers=True)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -627,7 +657,7 @@ from torchvision.datasets import ImageFolder
 from repro.data.imagenet import EpochSampler, ImageNetSamples, make_loader, train_plan
 dataset = ImageNetSamples(ImageFolder({str(small_root / "train")!r}), train_plan, None, 0, True)
 sampler = EpochSampler(len(dataset), shuffle=True, seed=0, batch_size=4)
-loader = make_loader(dataset, sampler, 4, workers=2, pin_memory=False, persistent_workers=True)
+loader = make_loader(dataset, sampler, workers=2, pin_memory=False, persistent_workers=True)
 batches = iter(loader)
 next(batches)  # the iterator and its workers are still alive when the interpreter exits
 print("exiting", flush=True)

@@ -237,3 +237,54 @@ def test_a_second_process_on_the_same_run_exits_at_once_and_writes_nothing(data,
         first.send_signal(signal.SIGCONT)
         first.kill()
         first.wait()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_under_another_map_location_than_it_was_saved_with(data, tmp_path, monkeypatch):
+    """Issue 18: a resume on a GPU read the checkpoint onto the GPU, RNG states included, which torch
+    cannot restore. "meta" stands in for the GPU on the loading path: the checkpoint saved on the CPU
+    is resumed by a trainer whose device is "meta"."""
+    from repro.checkpoint import load_checkpoint
+    from repro.distributed import Processes
+    from repro.hardware import probe, resolve_switches
+    from repro.run_folder import RunFolder
+
+    run = stopped_run(data, tmp_path, monkeypatch)
+    saved = load_checkpoint(run / CHECKPOINTS)
+    run_spec, cpu = spec(data), torch.device("cpu")
+    switches = resolve_switches(run_spec.run, probe(cpu), run_spec.data.dataset)
+    trainer = engine.Trainer(run_spec, RunFolder.of(tmp_path, run_spec), None, Processes(), cpu, switches)
+    trainer.device = torch.device("meta")
+    torch.manual_seed(12345)  # a state the resume must replace
+    assert engine._resume(trainer, RunFolder.of(tmp_path, run_spec), Processes())
+    assert trainer.state.iteration == saved["iteration"] == 10
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+    assert all(torch.equal(value, saved["model"][name]) for name, value in trainer.model.state_dict().items())
+
+
+def test_the_cuda_rng_state_saved_and_restored_is_the_current_devices_alone(monkeypatch):
+    """Issue 18: torch.cuda.set_rng_state_all restores one state per GPU the saving process saw, and
+    fails where a resume sees fewer (a DDP rank sees one)."""
+    from repro.checkpoint import restore_rng_states, rng_states
+
+    states = {0: torch.full((16,), 7, dtype=torch.uint8), 1: torch.full((16,), 9, dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the saving process sees two GPUs
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(states.values()))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda all_states: restored.extend(all_states))
+    saved = rng_states()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the resuming process sees one
+    restore_rng_states(saved)
+    assert len(restored) == 1 and torch.equal(restored[0], states[0]) and restored[0].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a resume onto a GPU needs a CUDA GPU")
+def test_a_run_stopped_on_the_gpu_resumes_there(data, tmp_path, monkeypatch):
+    signal_on_step(monkeypatch, 10)
+    assert engine.train(spec(data, "run.device=cuda"), tmp_path) == EXIT_PREEMPTED
+    monkeypatch.undo()
+    assert engine.train(spec(data, "run.device=cuda"), tmp_path) == EXIT_OK
+    assert read(tmp_path)[1]["status"] == "finished"

@@ -39,9 +39,6 @@ class CifarPipeline:
     def __init__(self, spec: Spec, root: Path, device: torch.device, processes: Processes, switches: Switches):
         from repro.data.cifar import CifarBatches, load_cifar10, pixel_mean, split_validation
 
-        if spec.optim.batch_size % processes.world_size:
-            raise DataError(f"optim.batch_size {spec.optim.batch_size} does not split over "
-                            f"{processes.world_size} processes")
         arrays = load_cifar10(root, verify_checksums=spec.data.verify_checksums, download=spec.data.download)
         if spec.data.validation_split:
             arrays = split_validation(arrays)
@@ -85,8 +82,7 @@ class ImageNetPipeline:
 
         def loader_for(dataset, shuffle: bool, batch_size: int):
             sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=spec.seed, batch_size=batch_size, **shard)
-            return sampler, make_loader(dataset, sampler, sampler.local_batch_size,
-                                        persistent_workers=shuffle, **loader)
+            return sampler, make_loader(dataset, sampler, persistent_workers=shuffle, **loader)
 
         self.train_sampler, self.train = loader_for(data.train, True, spec.optim.batch_size)
         self.batches_per_epoch = self.train_sampler.num_batches

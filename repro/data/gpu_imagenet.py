@@ -29,11 +29,13 @@ NVJPEG_MODES = ("RGB", "L")
 
 @dataclass
 class Encoded:
-    """A sample on its way to the device: the file's bytes (uint8 [n], `compressed`), or the pixels a
-    worker decoded (uint8 [3, H, W]), with its plan."""
+    """A sample on its way to the device: the file's bytes (`compressed`), or the pixels a worker
+    decoded (uint8 [3, H, W]), with its plan. Bytes, not a tensor: a worker sends each tensor of a
+    batch through a shared-memory file of its own (a file descriptor for each image), bytes go inside
+    the batch's one pickle."""
     path: str
     plan: Plan
-    data: torch.Tensor
+    data: bytes | torch.Tensor
     compressed: bool
 
 
@@ -75,7 +77,7 @@ class EncodedSamples(ImageNetSamples):
         try:
             data, header, plan = self._read(path, key)
             if header.format == "JPEG" and header.mode in NVJPEG_MODES:
-                return Encoded(path, plan, torch.frombuffer(bytearray(data), dtype=torch.uint8), True), target
+                return Encoded(path, plan, data, True), target
             return Encoded(path, plan, decode(data, header, plan.resized), False), target
         except UnreadableImage as error:
             return Unreadable(path, str(error)), target
@@ -83,10 +85,11 @@ class EncodedSamples(ImageNetSamples):
     def collate(self, samples: list) -> tuple[list, list[int]]:
         return [sample for sample, _ in samples], [target for _, target in samples]  # sizes differ: no stacking
 
-    def _nvjpeg(self, files: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    def _nvjpeg(self, contents: list[bytes]) -> list[torch.Tensor | None]:
         """The files decoded on the device, stream-safe on a CUDA device (stream_safe)."""
-        if not files:
+        if not contents:
             return []
+        files = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in contents]
         if self.device.type != "cuda":  # the CPU tests of this path
             return self._decode_all(files)
         if self._decode_stream is None:
@@ -119,9 +122,8 @@ class EncodedSamples(ImageNetSamples):
             elif decoded[i] is not None:
                 pixels.append(decoded[i])
             else:  # refused by nvJPEG: the CPU path's decoders try
-                data = sample.data.numpy().tobytes()
                 try:
-                    pixels.append(decode(data, read_header(data), sample.plan.resized).to(self.device))
+                    pixels.append(decode(sample.data, read_header(sample.data), sample.plan.resized).to(self.device))
                 except UnreadableImage as error:
                     pixels.append(Unreadable(sample.path, f"nvJPEG refused it; {error}"))
         return pixels

@@ -19,6 +19,7 @@ A file that no decoder reads is skipped, reported once and counted (UnreadableIm
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import io
 import multiprocessing
@@ -340,10 +341,16 @@ def normalize(crops: torch.Tensor, mean: torch.Tensor | None, alpha: torch.Tenso
     if mean is not None:
         pixels.sub_(mean)
     if alpha is not None:
-        eigval = torch.tensor(IMAGENET_EIGVAL, device=pixels.device)
-        eigvec = torch.tensor(IMAGENET_EIGVEC, device=pixels.device)
+        eigval, eigvec = _eigen(pixels.device)
         pixels.add_(((alpha * eigval) @ eigvec.T)[..., None, None])
     return pixels
+
+
+@functools.cache
+def _eigen(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IMAGENET_EIGVAL and IMAGENET_EIGVEC on `device`, made once: made for every batch, they would
+    be two host-to-device copies a training step, each waiting for the device."""
+    return torch.tensor(IMAGENET_EIGVAL, device=device), torch.tensor(IMAGENET_EIGVEC, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,27 +494,29 @@ def derived_seed(*parts: object) -> int:
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index) pairs for one rank.
+    """Yields one rank's batches of (epoch, index) keys: a DataLoader's batch_sampler (make_loader).
 
     The global order of epoch e is a permutation seeded by (seed, e) (or 0..n-1 without shuffle).
     Global batch b is positions [b*B, (b+1)*B) of that order, B = batch_size (the global mini-batch,
-    256 in Sec. 3.4), and rank r gets the r-th contiguous slice of B / world_size of it; so the
-    images of a global batch are the same whatever world_size is. start_batch skips the epoch's
-    first global batches (mid-epoch resume). With drop_last (default: when shuffling, i.e. training,
-    for a fixed mini-batch size) the partial last global batch is dropped; otherwise (evaluation)
-    it is split into contiguous, nearly equal parts, so the ranks see disjoint parts of all n.
+    256 in Sec. 3.4), and rank r gets the r-th of world_size contiguous, nearly equal parts of it
+    (torch.tensor_split: equal where world_size divides B); so the images of a global batch are the
+    same whatever world_size is. start_batch skips the epoch's first global batches (mid-epoch
+    resume). With drop_last (default: when shuffling, i.e. training, for a fixed mini-batch size) the
+    partial last global batch is dropped, and B must divide by world_size, since DDP averages the
+    ranks' gradients with equal weights; otherwise (evaluation, which sums over images) the last
+    batch is kept and any world_size works: every image is counted once, and a rank whose part of a
+    batch is empty skips it.
     """
 
     def __init__(self, n: int, *, shuffle: bool, seed: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, epoch: int = 0, start_batch: int = 0, drop_last: bool | None = None):
-        if batch_size % world_size:
+        self.drop_last = shuffle if drop_last is None else drop_last
+        if self.drop_last and batch_size % world_size:
             raise ValueError(f"global batch size {batch_size} is not divisible by world_size {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.local_batch_size = batch_size // world_size
-        self.drop_last = shuffle if drop_last is None else drop_last
         self.set_epoch(epoch, start_batch)
 
     @property
@@ -520,25 +529,23 @@ class EpochSampler(Sampler):
             raise ValueError(f"start_batch {start_batch} is outside the epoch's {self.num_batches} batches")
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _positions(self) -> torch.Tensor:
-        """This rank's positions in the epoch's global order, batch by batch."""
-        full = self.n // self.batch_size
-        grid = torch.arange(full * self.batch_size).view(full, self.world_size, self.local_batch_size)
-        mine = grid[self.start_batch:, self.rank].flatten()
-        if self.drop_last or full == self.num_batches:
-            return mine
-        tail = torch.tensor_split(torch.arange(full * self.batch_size, self.n), self.world_size)[self.rank]
-        return torch.cat([mine, tail])
+    def _positions(self) -> list[torch.Tensor]:
+        """This rank's non-empty parts of the global batches from start_batch, as positions in the
+        epoch's global order."""
+        starts = range(self.start_batch * self.batch_size, self.num_batches * self.batch_size, self.batch_size)
+        parts = [torch.tensor_split(torch.arange(start, min(start + self.batch_size, self.n)),
+                                    self.world_size)[self.rank] for start in starts]
+        return [part for part in parts if len(part)]
 
     def __iter__(self):
-        positions = self._positions()
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                derived_seed("order", self.seed, self.epoch)))
-            positions = order[positions]
-        return ((self.epoch, index) for index in positions.tolist())
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(
+            derived_seed("order", self.seed, self.epoch))) if self.shuffle else None)
+        for positions in self._positions():
+            indices = order[positions] if order is not None else positions
+            yield [(self.epoch, index) for index in indices.tolist()]
 
     def __len__(self) -> int:
+        """This rank's batches in the epoch (from start_batch)."""
         return len(self._positions())
 
 
@@ -562,22 +569,15 @@ class _WorkerSignals:
             os._exit(0)
 
 
-def make_loader(dataset: ImageNetSamples, sampler: EpochSampler, batch_size: int, workers: int,
-                pin_memory: bool, persistent_workers: bool,
-                unreadable: UnreadableImages | None = None) -> ImageNetLoader:
-    """An ImageNetLoader over `sampler`; batch_size is this rank's share of the global batch. The
-    sampler already dropped (training) or kept (evaluation) the partial last global batch. Skipped
-    files go to `unreadable` (ImageNetData.unreadable, shared by a run's loaders), else to the
-    loader's own."""
-    if batch_size != sampler.local_batch_size:
-        raise ValueError(f"batch_size {batch_size} differs from the sampler's per-rank batch "
-                         f"{sampler.local_batch_size} (global {sampler.batch_size} / world_size "
-                         f"{sampler.world_size})")
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=dataset.collate, pin_memory=pin_memory,
-                        persistent_workers=persistent_workers and workers > 0,
+def make_loader(dataset: ImageNetSamples, sampler: EpochSampler, workers: int, pin_memory: bool,
+                persistent_workers: bool, unreadable: UnreadableImages | None = None) -> ImageNetLoader:
+    """An ImageNetLoader over the batches of `sampler`, this rank's parts of the global batches (the
+    sampler already dropped (training) or kept (evaluation) the partial last one). Skipped files go to
+    `unreadable` (ImageNetData.unreadable, shared by a run's loaders), else to the loader's own."""
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=dataset.collate,
+                        pin_memory=pin_memory, persistent_workers=persistent_workers and workers > 0,
                         worker_init_fn=_WorkerSignals(),
-                        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None, drop_last=False)
+                        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None)
     return ImageNetLoader(dataset, loader, UnreadableImages() if unreadable is None else unreadable)
 
 

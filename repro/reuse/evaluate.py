@@ -196,7 +196,7 @@ def evaluate_run(run_dir: str | Path, protocol: str, *, data: str | None = None,
         samples = datasets.val if protocol == "center" else datasets.val_ten_crop
         batch = spec.data.eval_batch_size
         sampler = EpochSampler(len(samples), shuffle=False, seed=spec.seed, batch_size=batch)
-        loader = make_loader(samples, sampler, batch, workers, pin_memory=device.type == "cuda",
+        loader = make_loader(samples, sampler, workers, pin_memory=device.type == "cuda",
                              persistent_workers=False, unreadable=datasets.unreadable)
         counter = [0]
         result = evaluate(model, _counted(loader, counter), autocast, Processes(), device)
