@@ -25,7 +25,7 @@ from repro.engine import train
 from repro.errors import ReproError
 from repro.reports import make_report
 from repro.reuse.evaluate import MULTI_SCALE_SIDES, ScaledImages, evaluate_run, multi_scale_probabilities
-from repro.reuse.networks import fit_mean
+from repro.run_network import fit_mean
 from repro.spec import load_spec, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

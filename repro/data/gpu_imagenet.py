@@ -47,7 +47,7 @@ class EncodedSamples(ImageNetSamples):
             data, header, plan = self._read(path, key)
             if header.format == "JPEG" and header.mode in NVJPEG_MODES:
                 return Encoded(path, plan, torch.frombuffer(bytearray(data), dtype=torch.uint8), True), target
-            return Encoded(path, plan, decode(data, header, plan.resized), False), target
+            return Encoded(path, plan, decode(data, header, plan.resized, self.draft_decode), False), target
         except UnreadableImage as error:
             return Unreadable(path, str(error)), target
 
@@ -87,7 +87,7 @@ class EncodedSamples(ImageNetSamples):
             else:  # refused by nvJPEG: the CPU path's decoders try
                 data = sample.data.numpy().tobytes()
                 try:
-                    pixels.append(decode(data, read_header(data), sample.plan.resized).to(self.device))
+                    pixels.append(decode(data, read_header(data), sample.plan.resized, self.draft_decode).to(self.device))
                 except UnreadableImage as error:
                     pixels.append(Unreadable(sample.path, f"nvJPEG refused it; {error}"))
         return pixels
