@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from repro.contract import atomic_write, data_root
+from repro.contract import FINAL, atomic_write, data_root, run_path
 from repro.data.imagenet import (EpochSampler, Unreadable, UnreadableImage, UnreadableImages, decode,
                                  make_loader, normalize, read_header, resized_size)
 from repro.data.imagenet_sets import imagenet_datasets
 from repro.distributed import Processes
 from repro.engine import evaluate, resolve_device
 from repro.errors import ReproError
-from repro.paper import TABLE4_SCALES
-from repro.reuse import PROTOCOLS, evaluation_path
+from repro.paper import TABLE4_TOP1_TOP5_ERROR, TABLE4_SCALES
+from repro.reuse import PROTOCOLS, evaluation_path, table4_record
 from repro.reuse.networks import load_network
 from repro.run_network import fit_mean
 
@@ -220,3 +220,21 @@ def evaluate_run(run_dir: str | Path, protocol: str, *, data: str | None = None,
     path.parent.mkdir(exist_ok=True)
     atomic_write(path, json.dumps(record, indent=2), durable=True)
     return path, record
+
+
+def evaluate_table4(results: str | Path, suite_path: str | Path, *, data: str | None = None, device: str = "auto",
+                    workers: int = 4):
+    """`repro table4`: Table 4's multi-scale test of every finished run of the suite's Table 4 networks that
+    does not have it yet, one run after another, each written when done: a rerun goes on where a stopped
+    one ended. Yields (run folder, record) as each finishes."""
+    from repro.suite.plan import read_suite  # the suite file's one reader
+
+    suite = read_suite(suite_path)
+    for name in (n for n in TABLE4_TOP1_TOP5_ERROR if n in suite.names()):
+        for run_dir in sorted(run_path(results, name, 0).parent.glob("seed*")):
+            try:
+                finished = json.loads((run_dir / FINAL).read_text()).get("status") == "finished"
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+                finished = False
+            if finished and table4_record(run_dir) is None:
+                yield run_dir, evaluate_run(run_dir, "multi_scale", data=data, device=device, workers=workers)[1]
