@@ -300,7 +300,8 @@ def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/s
         tables.append(complexity.read_text())
 
     verdicts = pd.Series([c.verdict for c in claims]).value_counts()
-    tally = ", ".join(f"{verdicts.get(v, 0)} {v}" for v in (PASS, FAIL, NOT_RUN, NOT_ASKED))
+    tally = ", ".join(f"{verdicts.get(v, 0)} {v}" for v in (PASS, FAIL, NOT_RUN, NOT_ASKED)
+                      if v != NOT_ASKED or verdicts.get(v, 0))
     report = "\n".join([
         "# Reproduction report: Deep Residual Learning for Image Recognition (He et al. 2015)\n",
         f"Made by `repro report` from the run folders in `{results}` and the suite `{suite.path}`. "
