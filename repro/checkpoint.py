@@ -115,8 +115,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The network of a run folder with the weights of its newest readable checkpoint, in eval mode,
     and the run's resolved config. Its BN statistics are those of the run's eval.bn_stats, precise ones
-    where the checkpoint holds them (config["bn_stats_used"] says which). Reads only: damaged files stay
-    where they are."""
+    where the checkpoint holds them. Reads only: damaged files stay where they are."""
     from repro.precise_bn import apply_chosen_statistics
     from repro.spec import validate
 
@@ -134,5 +133,5 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     spec = validate(config, str(config_path))
     model = spec.model.build()
     model.load_state_dict(state["model"])
-    used = apply_chosen_statistics(model, state, spec.eval.bn_stats)
-    return model.to(device).eval(), {**config, "bn_stats_used": used}
+    apply_chosen_statistics(model, state, spec.eval.bn_stats)
+    return model.to(device).eval(), config

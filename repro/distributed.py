@@ -152,6 +152,8 @@ def group_batchnorm(model: nn.Module, group: int, processes: Processes) -> nn.Mo
         if type(child) is nn.BatchNorm2d:
             replacement = GroupBatchNorm2d(child.num_features, group, processes, child.eps, child.momentum)
             replacement.load_state_dict(child.state_dict())
+            # the same parameters: what a fine-tuning strategy trains (requires_grad) stays as it chose
+            replacement.weight, replacement.bias = child.weight, child.bias
             setattr(model, name, replacement.to(child.weight.device))
         else:
             group_batchnorm(child, group, processes)
