@@ -116,7 +116,9 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The network of a run folder with the weights of its newest readable checkpoint, in eval mode,
-    and the run's resolved config. Reads only: damaged files stay where they are."""
+    and the run's resolved config. Its BN statistics are those of the run's eval.bn_stats, precise ones
+    where the checkpoint holds them. Reads only: damaged files stay where they are."""
+    from repro.precise_bn import apply_chosen_statistics
     from repro.spec import validate
 
     run_dir = Path(run_dir)
@@ -130,6 +132,8 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     state = load_checkpoint(run_dir / CHECKPOINTS, map_location=device)
     if state is None:
         raise ReproError(f"{run_dir} has no checkpoint in {run_dir / CHECKPOINTS}")
-    model = validate(config, str(config_path)).model.build()
+    spec = validate(config, str(config_path))
+    model = spec.model.build()
     model.load_state_dict(state["model"])
+    apply_chosen_statistics(model, state, spec.eval.bn_stats)
     return model.to(device).eval(), config

@@ -107,7 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from repro.reports import make_report
 
-    print(make_report(args.results, args.suite, args.out, smoke=args.smoke))
+    print(make_report(args.results, args.suite, args.out, smoke=args.smoke, extras=args.extras))
 
 
 def cmd_responses(args: argparse.Namespace) -> None:
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="experiments/suite.yaml", help="which runs feed which figure/table")
     p.add_argument("--out", help="output folder (default: the results folder)")
     p.add_argument("--smoke", action="store_true", help="expect the smoke suite's seed counts")
+    p.add_argument("--extras", action="store_true",
+                   help="the suite's extras were asked for: their claims are NOT RUN, not NOT ASKED FOR, until run")
     p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("status", help="where each run of the suite stands: state, progress, errors, speed, "
@@ -232,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "multi-scale test, into RUN/evaluations/")
     reuse.add_evaluate_arguments(p)
     p.set_defaults(func=reuse.run_evaluate)
+
+    p = commands.add_parser("table4", help="Table 4's multi-scale test of every finished run of the suite's Table 4 "
+                                           "networks not tested yet (run-all --extras runs it before the report)")
+    reuse.add_table4_arguments(p)
+    p.set_defaults(func=reuse.run_table4)
 
     p = commands.add_parser("finetune", help="fine-tune a trained network on a class-folder dataset (a new run folder)")
     reuse.add_finetune_arguments(p)

@@ -33,6 +33,9 @@ LOG = "log.txt"
 FINAL = "final.json"  # written last: "finished" or "diverged"
 CHECKPOINTS = "checkpoints"
 LATEST, PREVIOUS = "last.pt", "prev.pt"
+# The checkpoint key of the precise BN statistics of a finished run ({"statistics": BN buffers, "images": n}),
+# kept beside the moving averages of its "model" (repro/precise_bn.py)
+PRECISE_BN = "precise_bn"
 LOCK = ".lock"  # flock'ed by the one process that trains the run; holds its host and pid
 DAMAGED = "damaged"  # unreadable checkpoints are moved into checkpoints/damaged/, never deleted
 EVENTS = "events.out.tfevents"  # run.tensorboard: TensorBoard's event files (their names begin so), a view of the CSV

@@ -1,4 +1,5 @@
-"""Several processes (torchrun): who we are, collective sums, and BN statistics across processes."""
+"""Several processes (torchrun): who we are, collective sums, and BN statistics across processes: synced
+(`model.sync_bn`) or over groups of a fixed size (`model.bn_group`)."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
 from torch import nn
 
 from repro.errors import ReproError
@@ -113,4 +115,58 @@ def sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
             setattr(model, name, replacement)
         else:
             sync_batchnorm(child, device_type)
+    return model
+
+
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    """"Ghost" BN: in training, each group of `group` consecutive images of the batch is normalised with its
+    own statistics, as a process holding only that group would; evaluation uses the running statistics as
+    BN does. Each step, the running statistics move (momentum) towards the mean over all groups of every
+    process of the groups' means and unbiased variances: one all_reduce per layer and step under DDP, so
+    that 1 process with 8 groups and 8 processes with 1 group each train the same network, and every
+    process holds the same running statistics (DDP's broadcast of rank 0's buffers changes nothing)."""
+
+    def __init__(self, num_features: int, group: int, processes: Processes, eps: float = 1e-5,
+                 momentum: float = 0.1):
+        super().__init__(num_features, eps, momentum)
+        self.group, self.processes = group, processes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        images, channels = x.shape[:2]
+        if images % self.group:
+            raise ReproError(f"model.bn_group: a training batch of {images} images per process does not split "
+                             f"into groups of {self.group}")
+        groups = images // self.group
+        # the groups side by side as channels: PyTorch's own BN kernel normalises each (group, channel) alone
+        side_by_side = x.reshape(groups, self.group, *x.shape[1:]).transpose(0, 1).reshape(
+            self.group, groups * channels, *x.shape[2:])
+        mean = torch.zeros(groups * channels, dtype=x.dtype, device=x.device)
+        var = torch.ones(groups * channels, dtype=x.dtype, device=x.device)
+        y = F.batch_norm(side_by_side, mean, var, self.weight.repeat(groups), self.bias.repeat(groups),
+                         training=True, momentum=1.0, eps=self.eps)  # momentum 1: mean, var := the groups'
+        with torch.no_grad():
+            totals = self.processes.sum(torch.cat([mean.view(groups, channels).sum(0),
+                                                   var.view(groups, channels).sum(0)]))
+            totals /= groups * self.processes.world_size
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(totals[:channels].to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(totals[channels:].to(self.running_var.dtype), self.momentum)
+        out = y.reshape(self.group, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return out.contiguous(memory_format=layout)
+
+
+def group_batchnorm(model: nn.Module, group: int, processes: Processes) -> nn.Module:
+    """Every BatchNorm2d of `model` as a GroupBatchNorm2d of `group` images (`model.bn_group`), in place."""
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            replacement = GroupBatchNorm2d(child.num_features, group, processes, child.eps, child.momentum)
+            replacement.load_state_dict(child.state_dict())
+            # the same parameters: what a fine-tuning strategy trains (requires_grad) stays as it chose
+            replacement.weight, replacement.bias = child.weight, child.bias
+            setattr(model, name, replacement.to(child.weight.device))
+        else:
+            group_batchnorm(child, group, processes)
     return model

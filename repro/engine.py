@@ -11,6 +11,7 @@ and applied around the recipe in `Trainer.__init__`; the loop below does not dep
 """
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import sys
@@ -23,13 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from repro.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from repro.contract import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS, metric_columns
+from repro.contract import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PRECISE_BN, STOP_SIGNALS, metric_columns
 from repro.data import build_pipeline
-from repro.distributed import Processes, close_processes, init_processes, launched_processes, sync_batchnorm
+from repro.distributed import (Processes, close_processes, group_batchnorm, init_processes, launched_processes,
+                               sync_batchnorm)
 from repro.errors import ReproError
 from repro.hardware import Switches, probe, resolve_switches
-from repro.reuse.networks import build_network
+from repro.precise_bn import precise_statistics, statistics_in_use
 from repro.run_folder import RunFolder, RunLocked, refuse_other_recipe
+from repro.run_network import build_network
 from repro.scalars import Scalars
 from repro.schedule import LearningRate
 from repro.spec import Spec
@@ -222,12 +225,21 @@ class Trainer:
             if not hasattr(self.pipeline, f"{kind}_batches"):
                 raise ReproError(f"eval.final: {kind} is not available for {spec.data.dataset}")
         # build_network is spec.model.build() for every spec of the paper; a fine-tuning spec also
-        # loads its source's weights and freezes what its strategy names (repro/reuse)
+        # loads its source's weights and freezes what its strategy names (repro/run_network.py)
         model = build_network(spec).to(device)
         if switches.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if processes.distributed and spec.model.sync_bn:
             model = sync_batchnorm(model, device.type)
+        if spec.model.bn_group is not None:
+            per_process = spec.optim.batch_size // processes.world_size
+            if per_process > spec.model.bn_group and per_process % spec.model.bn_group:
+                raise ReproError(f"model.bn_group {spec.model.bn_group}: each of the {processes.world_size} processes "
+                                 f"holds {per_process} images of a batch, not a whole number of groups; choose a "
+                                 "group or a world size that divides them")
+            # BN over fixed groups: the same network on any number of processes (repro/distributed.py); a
+            # process holding no more than a group normalises its whole share
+            model = group_batchnorm(model, min(spec.model.bn_group, per_process), processes)
         self.model = model  # the plain module: its state_dict is what checkpoints hold
         if processes.distributed:
             model = nn.parallel.DistributedDataParallel(
@@ -252,6 +264,9 @@ class Trainer:
         else:
             self.step = self._eager_step
         self.state = TrainState(self.model, self.optimizer, self.schedule, device)
+        # {"statistics": BN buffers, "images": n}: the precise BN statistics, once the pass after the last
+        # iteration has computed them (kept in the checkpoint beside the moving averages)
+        self.precise: dict | None = None
 
     def _eager_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
@@ -261,11 +276,15 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The TrainState, the recipe it belongs to, and the image files skipped so far."""
-        return {**self.state.state_dict(self.processes), "config": self.spec.to_dict(),
-                "unreadable_images": dict(self.unreadable.files) if self.unreadable is not None else {}}
+        state = {**self.state.state_dict(self.processes), "config": self.spec.to_dict(),
+                 "unreadable_images": dict(self.unreadable.files) if self.unreadable is not None else {}}
+        if self.precise is not None:
+            state[PRECISE_BN] = self.precise
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.state.load_state_dict(state, self.processes.is_main)
+        self.precise = state.get(PRECISE_BN)  # a stop after the precise-BN pass keeps its result
         if self.unreadable is not None:  # those an earlier start logged are not logged again
             self.logged_unreadable = set(state.get("unreadable_images", {}))
             self.unreadable.files.update(state.get("unreadable_images", {}))
@@ -307,8 +326,7 @@ class Trainer:
                 self.log(f"stopped by {stop.cause()} after epoch {row['epoch']}; run the same "
                          "command to resume")
                 return EXIT_PREEMPTED
-        self.finish("finished")
-        return EXIT_OK
+        return self.finish("finished", stop)
 
     def train_one_epoch(self, stop: StopSignals, progress) -> bool:
         """SGD steps from the epoch's next batch to its end or to max_iters; True when a stop signal
@@ -361,7 +379,12 @@ class Trainer:
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, 0)
         test = evaluate(self.model, self.pipeline.eval_batches(), self.autocast, self.processes, self.device)
-        self.schedule.observe_validation(test["error"])
+        if self.schedule.observe_validation(test["error"]):
+            optim = self.spec.optim
+            self.log(f"lr divided by {1 / optim.lr_factor:g} after epoch {self.state.epoch + 1} (drop "
+                     f"{self.schedule.plateau_drops} of at most {optim.max_lr_drops}): validation error "
+                     f"{test['error']:.2f}%, no improvement of {optim.plateau_threshold} points on the best "
+                     f"{self.schedule.best_error:.2f}% for {optim.plateau_patience} epochs")
         row = {
             "epoch": self.state.epoch + 1, "iteration": self.state.iteration, "lr": self.state.lr,
             "train_images": int(count), "partial": int(self.state.batch < self.pipeline.batches_per_epoch),
@@ -385,7 +408,11 @@ class Trainer:
             return False
         return self.processes.any(stop.received is not None, self.device)
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str, stop: StopSignals | None = None) -> int:
+        """Write final.json. A finished run's test errors are there under both BN statistics, its moving
+        averages (`moving_bn`) and the precise ones (`precise_bn`, see precise_bn_pass), and at the top level
+        under those of `eval.bn_stats`, which the tables read (`bn_stats` says which). Returns EXIT_OK, or
+        EXIT_DIVERGED, or EXIT_PREEMPTED when a stop came during the precise pass (nothing written)."""
         last = self.state.rows[-1]
         summary = {"status": status, "final_test_error": last["test_error"], "iterations": self.state.iteration,
                    "wall_seconds": self.state.wall_seconds}
@@ -393,18 +420,66 @@ class Trainer:
             summary.update(warmup_ended_at=self.schedule.warmup_ended_at, warmup_capped=self.schedule.warmup_capped)
         if "test_top5_error" in last:
             summary.update(center_top1_error=last["test_error"], center_top5_error=last["test_top5_error"])
+        if status == "finished":
+            if self.spec.eval.precise_bn_images and self.precise is None:
+                self.precise = self.precise_bn_pass(stop)
+                if self.precise is None:
+                    self.log(f"stopped by signal {stop.received} during the precise-BN pass after the last "
+                             "iteration; run the same command to finish")
+                    return EXIT_PREEMPTED
+                self.save()  # the precise statistics beside the moving averages, for repro evaluate and others
+            moving = self.final_errors(None)
+            precise = None if self.precise is None else self.final_errors(self.precise["statistics"])
+            chosen = self.spec.eval.bn_stats if precise is not None else "moving"
+            summary.update(moving if chosen == "moving" else precise)
+            summary.update(bn_stats=chosen, moving_bn=moving,
+                           precise_bn=None if precise is None else {**precise, "images": self.precise["images"]})
+            if precise is not None:
+                self.log(f"precise BN statistics over {self.precise['images']} training images: test error "
+                         f"{precise['final_test_error']:.2f}% (moving averages: {moving['final_test_error']:.2f}%)")
         if self.unreadable is not None:
             skipped = self.gather_unreadable()
             summary.update(unreadable_images=len(skipped), unreadable_files=sorted(skipped))
-        if status == "finished":
+        if self.processes.is_main:
+            self.folder.write_final(summary)
+        statistics = f" ({summary['bn_stats']} BN statistics)" if "bn_stats" in summary else ""
+        self.log(f"{status}: final test error {summary['final_test_error']:.2f}%{statistics} after "
+                 f"{self.state.iteration} iterations, {self.state.wall_seconds:.0f} s")
+        return EXIT_OK if status == "finished" else EXIT_DIVERGED
+
+    def precise_bn_pass(self, stop: StopSignals | None) -> dict | None:
+        """The precise BN statistics of the final network: averaged over the first `eval.precise_bn_images`
+        training images (whole batches, at most one epoch) of the epoch that would come next, augmented as
+        in training; None when a stop signal came first. Deterministic, so a rerun finds the same."""
+        batches = -(-self.spec.eval.precise_bn_images // self.spec.optim.batch_size)
+        batches = min(batches, self.pipeline.batches_per_epoch)
+        sample = itertools.islice(self.pipeline.train_batches(self.state.epoch, 0), batches)
+        should_stop = (lambda: False) if stop is None else (lambda: self.should_stop(stop, every_iteration=True))
+        result = precise_statistics(self.model, sample, self.processes, self.autocast, should_stop)
+        if result is None:
+            return None
+        statistics, images = result
+        return {"statistics": statistics, "images": images}
+
+    def final_errors(self, statistics: dict | None) -> dict:
+        """The final network's test errors under `statistics` (None: its moving averages, whose per-epoch
+        test is the last row's): the per-epoch test's error, and each of `eval.final`."""
+        last = self.state.rows[-1]
+        with statistics_in_use(self.model, statistics):
+            if statistics is None:
+                errors = {"final_test_error": last["test_error"]}
+                if "test_top5_error" in last:
+                    errors.update(center_top1_error=last["test_error"], center_top5_error=last["test_top5_error"])
+            else:
+                test = evaluate(self.model, self.pipeline.eval_batches(), self.autocast, self.processes, self.device)
+                errors = {"final_test_error": test["error"]}
+                if "test_top5_error" in last:
+                    errors.update(center_top1_error=test["error"], center_top5_error=test["top5_error"])
             for kind in self.spec.eval.final:
                 result = evaluate(self.model, getattr(self.pipeline, f"{kind}_batches")(), self.autocast,
                                   self.processes, self.device)
-                summary.update({f"{kind}_top1_error": result["error"], f"{kind}_top5_error": result["top5_error"]})
-        if self.processes.is_main:
-            self.folder.write_final(summary)
-        self.log(f"{status}: final test error {summary['final_test_error']:.2f}% after "
-                 f"{self.state.iteration} iterations, {self.state.wall_seconds:.0f} s")
+                errors.update({f"{kind}_top1_error": result["error"], f"{kind}_top5_error": result["top5_error"]})
+        return errors
 
     def log_unreadable(self) -> None:
         """From now on each skipped image file is a line of the log; those met before the run folder

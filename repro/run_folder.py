@@ -27,7 +27,9 @@ from repro.spec import Spec
 # Keys that may change between a run's starts without changing its result: where the data lies and
 # how fast the hardware goes. Everything else must match the config the folder was started with.
 RESUMABLE_DIFFERENCES = ("run", "data.root", "data.workers", "data.eval_batch_size", "data.download",
-                         "data.decode")
+                         "data.decode",
+                         # the tests after the last iteration: they change no step of training
+                         "eval.bn_stats", "eval.precise_bn_images", "eval.ten_crop")
 
 
 class RunLocked(ReproError):

@@ -12,7 +12,7 @@ class LearningRate:
     `warmup_until_train_error`, or at the latest at `warmup_max_iters` (our cap); then the schedule.
     Milestones: `lr` divided by 1/`lr_factor` at each milestone iteration (CIFAR: 32k, 48k).
     Plateau (ImageNet, Sec. 3.4): divided when the validation error has not improved by
-    `plateau_threshold` points for `plateau_patience` epochs.
+    `plateau_threshold` points for `plateau_patience` epochs, at most `max_lr_drops` times (our choice).
     """
 
     def __init__(self, optim: OptimSpec):
@@ -46,18 +46,22 @@ class LearningRate:
             return True
         return False
 
-    def observe_validation(self, error: float) -> None:
-        """Called once per epoch with the validation error; drives the plateau schedule."""
+    def observe_validation(self, error: float) -> bool:
+        """Called once per epoch with the validation error; drives the plateau schedule. True when the
+        rate drops after this epoch."""
         if self.optim.lr_schedule != "plateau" or self.warming_up:
-            return
+            return False
         if error < self.best_error - self.optim.plateau_threshold:
             self.best_error = error
             self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
-            if self.epochs_without_improvement >= self.optim.plateau_patience:
-                self.plateau_drops += 1
-                self.epochs_without_improvement = 0
+            return False
+        self.epochs_without_improvement += 1
+        limit = self.optim.max_lr_drops
+        if self.epochs_without_improvement >= self.optim.plateau_patience and (limit is None or self.plateau_drops < limit):
+            self.plateau_drops += 1
+            self.epochs_without_improvement = 0
+            return True
+        return False
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in

@@ -33,12 +33,19 @@ class ModelSpec(_Section):
     shortcut: str = "A"  # A: zero-padding identity (Sec. 4.2, Table 2); B/C: projections (Sec. 3.3)
     bottleneck_stride: Literal["v1", "v1.5"] = "v1"  # v1: stride on the first 1x1 conv, as the paper's model
     sync_bn: bool = False  # the paper's BN statistics are per GPU; True syncs them across processes
+    # Images each BN layer normalises together in training ("ghost" BN): a process holding more normalises
+    # each group of `bn_group` separately, so a run is the same network on 1 GPU or 8 (the paper: 32 per GPU
+    # on 8 GPUs for ImageNet). None: the whole per-process batch (CIFAR: the paper's 128 is one group).
+    bn_group: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
         from repro.models.networks import check  # imports torch: when a spec is validated, not on import
 
         check(self)
+        if self.sync_bn and self.bn_group is not None:
+            raise ValueError("bn_group: BN over groups of a fixed size and BN synced over every process "
+                             "(sync_bn) contradict each other; set one")
         return self
 
     def build(self):
@@ -57,6 +64,9 @@ class DataSpec(_Section):
     workers: int = 8  # ImageNet: data-loader processes per training process
     mean_sample_size: int = 10_000  # ImageNet: training crops averaged for the per-pixel mean
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # ImageNet: decode+augment in CPU workers or on the GPU; auto: cpu
+    # ImageNet, CPU path: JPEGs whose resize at least halves them decoded at 1/2, 1/4 or 1/8 scale in the DCT.
+    # Faster for large images but different pixels (README: measured), so opt-in; false is a full decode.
+    draft_decode: bool = False
     eval_batch_size: int = 500  # images per evaluation step; does not change any result
 
 
@@ -72,6 +82,10 @@ class OptimSpec(_Section):
     lr_factor: float = 0.1  # "divided by 10" (Sec. 3.4, 4.2)
     plateau_patience: int = 5  # ImageNet: epochs without improvement of the val error before a drop
     plateau_threshold: float = 0.1  # ImageNet: an improvement smaller than this (percentage points) is none
+    # Our choice: at most this many plateau drops (the paper gives no floor). Three take 0.1 to 1e-4: the
+    # paper's 60e4 iterations are about 120 epochs at batch 256, room for one more than fb.resnet.torch's
+    # two in 90 epochs. None: no limit.
+    max_lr_drops: Optional[int] = Field(3, ge=0)
     warmup_lr: Optional[float] = None  # ResNet-110/1202: 0.01 until training error < 80% (Sec. 4.2)
     warmup_until_train_error: float = 80.0  # percent; then lr goes back to `lr` and the schedule
     warmup_window: int = 50  # iterations whose running training error decides the warm-up's end
@@ -134,6 +148,21 @@ class EvalSpec(_Section):
     """Evaluations of the finished network, beyond the per-epoch test of the center crop."""
 
     final: list[Literal["ten_crop"]] = []  # ImageNet: the 10-crop test of Table 2 (Sec. 3.4)
+    # Where the 10 crops lie in the 256 resize. full_image: the corners of the whole resize (fb.resnet.torch,
+    # the authors' model README); center_square: the corners of its central 256 x 256 square (AlexNet's).
+    ten_crop: Literal["full_image", "center_square"] = "full_image"
+    # Training images (augmented as in training, at most one epoch) whose BN statistics, averaged after the
+    # last iteration, make the "precise" statistics of the final network (pycls's 8192); 0: no such pass.
+    precise_bn_images: int = Field(8192, ge=0)
+    # The BN statistics the tables and claims read: precise (the average above) or moving (PyTorch's moving
+    # averages, momentum 0.1). final.json and the checkpoint hold both; each base spec says its choice.
+    bn_stats: Literal["precise", "moving"] = "moving"
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalSpec":
+        if self.bn_stats == "precise" and self.precise_bn_images == 0:
+            raise ValueError("bn_stats: precise needs precise_bn_images above 0")
+        return self
 
 
 class FinetuneSpec(_Section):
@@ -172,6 +201,10 @@ class Spec(_Section):
         expected = {"cifar": "cifar10", "imagenet": "imagenet"}[self.model.arch]
         if self.data.dataset != expected:
             raise ValueError(f"model.arch {self.model.arch} needs data.dataset {expected}, got {self.data.dataset}")
+        group = self.model.bn_group
+        if group is not None and self.optim.batch_size > group and self.optim.batch_size % group:
+            raise ValueError(f"model.bn_group: a batch of {self.optim.batch_size} (optim.batch_size) does not split "
+                             f"into groups of {group}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -90,7 +90,8 @@ def test_run_folder_holds_spec_env_metrics_checkpoints_and_final(reference):
     assert frame.train_error.between(0, 100).all() and frame.test_error.between(0, 100).all()
     final = json.loads((folder / "final.json").read_text())
     assert final["status"] == "finished" and final["iterations"] == 28
-    assert final["final_test_error"] == frame.test_error.iloc[-1]
+    assert final["moving_bn"]["final_test_error"] == frame.test_error.iloc[-1]  # the moving averages' test
+    assert final["bn_stats"] == "precise" and final["final_test_error"] == final["precise_bn"]["final_test_error"]
     assert "best_test_error" not in final  # no epoch is chosen on the test set
     env = json.loads((folder / "env.json").read_text())["starts"]
     assert len(env) == 1 and env[0]["device"] == "cpu" and env[0]["torch"] == torch.__version__

@@ -24,8 +24,10 @@ from repro.data.imagenet import resized_size
 from repro.engine import train
 from repro.errors import ReproError
 from repro.reports import make_report
+from repro.paper import TABLE4_SCALES
+from repro.reuse import evaluation_path
 from repro.reuse.evaluate import MULTI_SCALE_SIDES, ScaledImages, evaluate_run, multi_scale_probabilities
-from repro.reuse.networks import fit_mean
+from repro.run_network import fit_mean
 from repro.spec import load_spec, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +223,26 @@ def test_table4_and_its_verdicts_appear_once_a_table4_network_has_finished(tmp_p
     assert table.loc["imagenet_resnet50", "paper_top5"] == 5.25
     assert table.loc["imagenet_resnet101", "not_counted"] == "seed 0: not evaluated"
     assert "**ImageNet validation error with the multi-scale test (Table 4)**" in report
+
+
+def test_table4_tests_each_finished_table4_run_once(tmp_path, monkeypatch):
+    import repro.reuse.evaluate as evaluate_module
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"seeds": {"imagenet": 1}, "figures": {}, "tables": {},
+                                     "extras": ["imagenet_resnet50", "imagenet_resnet18"]}))
+    runs = tmp_path / "runs" / "imagenet_resnet50"
+    for seed, status in enumerate(["finished", "finished", None, "diverged"]):
+        (runs / f"seed{seed}").mkdir(parents=True)
+        if status:
+            (runs / f"seed{seed}" / "final.json").write_text(json.dumps({"status": status}))
+    tested = evaluation_path(runs / "seed0", "multi_scale")
+    tested.parent.mkdir()
+    tested.write_text(json.dumps({"scales": list(TABLE4_SCALES), "flips": True, "top1_error": 20.0, "top5_error": 5.0}))
+    (tmp_path / "runs" / "imagenet_resnet18" / "seed0").mkdir(parents=True)  # not in Table 4
+    (tmp_path / "runs" / "imagenet_resnet18" / "seed0" / "final.json").write_text(json.dumps({"status": "finished"}))
+    calls = []
+    monkeypatch.setattr(evaluate_module, "evaluate_run",
+                        lambda run, protocol, **kwargs: calls.append((run, protocol)) or (None, {"top1_error": 1.0}))
+    done = list(evaluate_module.evaluate_table4(tmp_path, suite, data="DATA", device="cpu"))
+    assert calls == [(runs / "seed1", "multi_scale")] and [run for run, _ in done] == [runs / "seed1"]

@@ -17,13 +17,14 @@ import yaml
 from torch import nn
 
 import repro.engine
-import repro.reuse.networks
+import repro.run_network
 from repro.checkpoint import load_checkpoint
 from repro.cli import main
 from repro.contract import EXIT_PREEMPTED, EXIT_USAGE
 from repro.engine import train
 from repro.reuse.finetune import FINETUNE_SPECS
-from repro.reuse.networks import FinetuneNet, read_torchvision, torchvision_network, torchvision_state
+from repro.reuse.networks import torchvision_network
+from repro.run_network import FinetuneNet, read_torchvision, torchvision_state
 from repro.spec import ModelSpec, load_spec, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def finetune(results: Path, source: Path, data: Path, *extra: str, settings=SMAL
 def built(monkeypatch):
     """The network the trainer builds, recorded as it starts: its weights and which of them train."""
     record = {}
-    build = repro.reuse.networks.build_network
+    build = repro.run_network.build_network
 
     def recording(spec, **kwargs):
         network = build(spec, **kwargs)

@@ -44,9 +44,9 @@ def root_copy(small_root, tmp_path):
     return shutil.copytree(small_root, tmp_path / "imagenet")
 
 
-def _decode_file(path, resized):
+def _decode_file(path, resized, draft=False):
     data = path.read_bytes()
-    return decode(data, read_header(data), resized)
+    return decode(data, read_header(data), resized, draft)
 
 
 def _samples(root, split="train", plan=train_plan, mean=None, seed=0, keep_batch_size=True):
@@ -151,13 +151,14 @@ def _noise_image(width, height, seed=0):
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
-def test_decode_reduces_the_jpeg_scale_only_where_the_resize_halves_it(tmp_path, mode):
+def test_decode_reduces_the_jpeg_scale_only_when_asked_and_where_the_resize_halves_it(tmp_path, mode):
     path = tmp_path / "big.JPEG"
     _noise_image(1200, 900).convert(mode).save(path)
     # (height, width) of the resize -> decoded (height, width): scales 1/8, 1/2, 1/2, then full size
     for resized, expected in [((100, 133), (113, 150)), ((256, 341), (450, 600)), ((450, 600), (450, 600)),
                               ((451, 601), (900, 1200))]:
-        assert _decode_file(path, resized).shape == (3, *expected)
+        assert _decode_file(path, resized, draft=True).shape == (3, *expected)
+        assert _decode_file(path, resized).shape == (3, 900, 1200)  # data.draft_decode is off by default
 
 
 def test_a_png_named_jpeg_decodes_exactly(tmp_path):
@@ -281,6 +282,16 @@ def test_ten_crop_is_corners_center_and_their_flips():
     crops = [image[:, top:top + CROP, left:left + CROP] for top, left in boxes]
     expected = torch.stack(crops + [c.flip(-1) for c in crops])
     assert torch.equal(resample(image, ten_crop_plan(300, 256)), expected)
+
+
+def test_center_square_ten_crop_takes_the_corners_of_the_central_square():
+    image = torch.from_numpy(np.array(_noise_image(400, 256))).permute(2, 0, 1)
+    # the central 256 x 256 square starts at column 72; its corners, then the image's center
+    boxes = [(0, 72), (0, 104), (32, 72), (32, 104), (16, 88)]
+    crops = [image[:, top:top + CROP, left:left + CROP] for top, left in boxes]
+    expected = torch.stack(crops + [c.flip(-1) for c in crops])
+    assert torch.equal(resample(image, ten_crop_plan(400, 256, geometry="center_square")), expected)
+    assert ten_crop_plan(256, 256, geometry="center_square") == ten_crop_plan(256, 256)  # a square: the same
 
 
 def test_resample_is_close_to_cropping_the_full_resize():

@@ -124,3 +124,16 @@ def test_the_suite_modules_import_neither_torch_nor_pandas():
             "print(' '.join(sorted({'torch', 'pandas'} & set(sys.modules))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_the_engine_reaches_nothing_of_reuse_reports_or_suite():
+    graph = import_graph(PACKAGE)
+    reached, frontier = set(), ["repro.engine"]
+    while frontier:
+        module = frontier.pop()
+        for target in graph[module]:
+            if target not in reached:
+                reached.add(target)
+                frontier.append(target)
+    above = sorted(m for m in reached if m.startswith(("repro.reuse", "repro.reports", "repro.suite")))
+    assert "repro.run_network" in reached and not above, f"repro.engine imports, through its imports: {above}"

@@ -550,3 +550,17 @@ def test_local_gpu_stages_share_gpus_among_cifar_runs_and_give_imagenet_all_of_t
     assert job.command[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "repro"]
     assert job.command[8:] == plan.train_arguments(job.run)
     assert [job.label for job in reports.jobs] == ["complexity", "responses", "report"]
+
+
+def test_extras_test_table4_before_the_report_on_a_gpu_where_there_is_one(tmp_path, data):
+    results = ["--results", str(tmp_path / "r"), *data]
+    plain = make_plan(parse("--slurm", *results))
+    assert [name for name, _ in plain.report_arguments()][-1] == "report"
+    assert "table4" not in dict(plain.report_arguments()) and "--extras" not in dict(plain.report_arguments())["report"]
+    extras = make_plan(parse("--slurm", "--extras", *results))
+    reports = dict(extras.report_arguments())
+    assert list(reports)[-2:] == ["table4", "report"] and "--extras" in reports["report"]
+    assert reports["table4"][0] == "table4" and str(extras.data["imagenet"]) in reports["table4"]
+    script = slurm.report_script(extras, slurm.Resources(8, 1, 4, []), tmp_path / "report.sh")
+    assert "#SBATCH --gres=gpu:1" in script and "step table4" in script
+    assert "--gres" not in slurm.report_script(plain, slurm.Resources(8, 1, 4, []), tmp_path / "report.sh")

@@ -17,7 +17,8 @@ from repro.checkpoint import save_checkpoint
 from repro.cli import main
 from repro.contract import EXIT_USAGE
 from repro.data.imagenet import center_plan, decode, normalize, read_header, resample
-from repro.reuse.networks import load_network, torchvision_state
+from repro.reuse.networks import load_network
+from repro.run_network import torchvision_state
 from repro.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from repro.cli import main
 from repro.reports import figures, make_report
 from repro.reports.runs import Network, find_runs, read_suite
 from repro.reports.summaries import table6_frame, write_table6
-from repro.reports.verdict import FAIL, NOT_RUN, PASS, evaluate_claims
+from repro.reports.verdict import FAIL, NOT_ASKED, NOT_RUN, PASS, evaluate_claims
 from repro.spec import load_spec, validate
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -343,3 +343,29 @@ def test_networks_come_from_the_specs_not_their_names(tmp_path):
 ])
 def test_labels_are_the_papers_names(spec, label):
     assert Network.of(load_spec(EXPERIMENTS / f"{spec}.yaml")).label == label
+
+
+def test_the_extras_claims_say_not_asked_for_unless_the_extras_were_asked_for(tmp_path):
+    suite = {**SUITE, "extras": ["imagenet_resnet34_B", "imagenet_resnet50"]}
+    path = write_suite(tmp_path, suite)
+    runs = find_runs(tmp_path, read_suite(path))
+    b_text = "ResNet-34 B 10-crop top-1 error within ±1.0 pp of the paper's 24.52"
+    table4_text = "ResNet-50 B multi-scale top-1 error within ±1.0 pp of the paper's 20.74"
+    plain = {c.text: c for c in evaluate_claims(read_suite(path), runs, None)}
+    assert plain[b_text].verdict == NOT_ASKED and table4_text not in plain  # Table 4 is not made at all
+    asked = {c.text: c for c in evaluate_claims(read_suite(path), runs, None, extras=True)}
+    assert asked[b_text].verdict == NOT_RUN and asked[table4_text].verdict == NOT_RUN
+    report = make_report(tmp_path, path, extras=True).read_text()
+    assert "Table 4" in report and f"**{NOT_ASKED}**" not in report
+
+
+def test_tables_say_which_bn_statistics_they_read(tmp_path):
+    write_run(tmp_path, "cifar_resnet20", 0, train_error=1.0, test_error=8.0, final={"bn_stats": "precise"})
+    write_run(tmp_path, "cifar_resnet20", 1, train_error=1.0, test_error=8.0)  # written before the choice
+    write_run(tmp_path, "cifar_resnet56", 0, train_error=1.0, test_error=7.0, final={"bn_stats": "precise"})
+    make_report(tmp_path, write_suite(tmp_path))
+    table = pd.read_csv(tmp_path / "tables" / "table6.csv").set_index("model")
+    assert table.loc["cifar_resnet20", "bn_stats"] == "moving, precise"
+    assert table.loc["cifar_resnet56", "bn_stats"] == "precise"
+    header = (tmp_path / "tables" / "table6.md").read_text().splitlines()[2]
+    assert "BN" in [cell.strip() for cell in header.split("|")]

@@ -53,3 +53,17 @@ def test_warmup_ends_at_its_cap_when_the_error_never_falls():
 def test_a_warmup_ended_by_the_error_is_not_capped():
     lr = LearningRate(OptimSpec(warmup_lr=0.01, warmup_max_iters=2000))
     assert lr.end_warmup_if_trained(2000, 50.0) and not lr.warmup_capped
+
+
+def test_plateau_drops_stop_at_max_lr_drops_and_say_when_they_drop():
+    lr = LearningRate(OptimSpec(lr_schedule="plateau", plateau_patience=1, max_lr_drops=2))
+    dropped = [lr.observe_validation(50.0) for _ in range(6)]  # never improves after the first epoch
+    assert dropped == [False, True, True, False, False, False]
+    assert lr.plateau_drops == 2 and abs(lr.at(0) - 0.001) < 1e-15
+
+
+def test_the_default_limit_is_three_drops():
+    lr = LearningRate(OptimSpec(lr_schedule="plateau", plateau_patience=1))
+    for _ in range(20):
+        lr.observe_validation(50.0)
+    assert lr.plateau_drops == 3

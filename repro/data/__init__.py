@@ -72,7 +72,8 @@ class ImageNetPipeline:
         if processes.distributed and not processes.is_main:
             processes.barrier()  # rank 0 computes and caches the mean image first
         data = imagenet_datasets(root, seed=spec.seed, mean_sample_size=spec.data.mean_sample_size,
-                                 mean_workers=spec.data.workers, decode=spec.data.decode, device=device)
+                                 mean_workers=spec.data.workers, decode=spec.data.decode,
+                                 draft_decode=spec.data.draft_decode, ten_crop=spec.eval.ten_crop, device=device)
         if processes.distributed and processes.is_main:
             processes.barrier()
         self.device, self.channels_last = device, switches.channels_last

@@ -78,7 +78,7 @@ class EncodedSamples(ImageNetSamples):
             data, header, plan = self._read(path, key)
             if header.format == "JPEG" and header.mode in NVJPEG_MODES:
                 return Encoded(path, plan, data, True), target
-            return Encoded(path, plan, decode(data, header, plan.resized), False), target
+            return Encoded(path, plan, decode(data, header, plan.resized, self.draft_decode), False), target
         except UnreadableImage as error:
             return Unreadable(path, str(error)), target
 
@@ -123,7 +123,8 @@ class EncodedSamples(ImageNetSamples):
                 pixels.append(decoded[i])
             else:  # refused by nvJPEG: the CPU path's decoders try
                 try:
-                    pixels.append(decode(sample.data, read_header(sample.data), sample.plan.resized).to(self.device))
+                    pixels.append(decode(sample.data, read_header(sample.data), sample.plan.resized,
+                                         self.draft_decode).to(self.device))
                 except UnreadableImage as error:
                     pixels.append(Unreadable(sample.path, f"nvJPEG refused it; {error}"))
         return pixels

@@ -47,12 +47,17 @@ from repro.errors import DataError
 TRAIN_SHORT_SIDE = (256, 480)
 # Side of the square crops the networks see, in training and testing (Sec. 3.4, Table 1).
 CROP = 224
-# Shorter side for the center-crop and 10-crop tests (the standard 10-crop test, Sec. 3.4).
+# Shorter side for the center-crop and 10-crop tests (Sec. 3.4's 10-crop test, as fb.resnet.torch resizes).
 EVAL_SHORT_SIDE = 256
+# eval.ten_crop: where the 10 crops lie in that resize (ten_crop_plan). full_image, ours: the corners of the
+# whole resize, as fb.resnet.torch and the authors' model README ("10 224x224 crops from resized image with
+# shorter side=256"); center_square: the corners of its central 256 x 256 square, as AlexNet, which the
+# paper cites for its "standard 10-crop testing".
+TEN_CROP_GEOMETRIES = ("full_image", "center_square")
 # AlexNet's PCA colour augmentation (Krizhevsky et al. 2012, Sec. 4.1), cited by Sec. 3.4: std of
 # the random weights of the RGB principal components, on the [0, 1] pixel scale.
 LIGHTING_STD = 0.1
-# Eigenvalues and eigenvectors (rows) of ImageNet's RGB covariance on the [0, 1] scale, as used by
+# Eigenvalues and eigenvectors (columns) of ImageNet's RGB covariance on the [0, 1] scale, as used by
 # fb.resnet.torch (datasets/imagenet.lua), the Torch code that reproduced the paper.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
@@ -220,20 +225,21 @@ def _pillow_decode(data: bytes, header: Image.Image, resized: tuple[int, int]) -
     return torch.from_numpy(np.array(header.convert("RGB"))).permute(2, 0, 1)
 
 
-def decode(data: bytes, header: Image.Image, resized: tuple[int, int],
+def decode(data: bytes, header: Image.Image, resized: tuple[int, int], draft: bool = False,
            full_size: Callable[[bytes, Image.Image, tuple[int, int]], torch.Tensor] = _torchcodec_decode
            ) -> torch.Tensor:
     """The RGB pixels, uint8 [3, H, W], of a file that will be resized to `resized` = (height, width).
 
     A JPEG goes to `full_size`, libjpeg-turbo through TorchCodec, the faster full-size decoder (the
-    benchmark passes torchvision's, its predecessor); where the resize at least halves it, to Pillow's
-    reduced-size decoding, faster still (both measured side by side, see README). The other one is the
-    second try: each reads some damaged files the other refuses.
+    benchmark passes torchvision's, its predecessor); with `draft` (data.draft_decode, opt-in: it
+    changes the pixels) and where the resize at least halves it, to Pillow's reduced-size decoding,
+    faster still (both measured side by side, see README). The other one is the second try: each
+    reads some damaged files the other refuses.
     Other formats (ImageNet has a PNG named .JPEG) go to Pillow. Grayscale and CMYK become RGB.
     Raises UnreadableImage when every decoder fails."""
     if header.format != "JPEG":
         decoders = (_pillow_decode,)
-    elif 2 * resized[0] <= header.height and 2 * resized[1] <= header.width:
+    elif draft and 2 * resized[0] <= header.height and 2 * resized[1] <= header.width:
         decoders = (_pillow_decode, full_size)
     else:
         decoders = (full_size, _pillow_decode)
@@ -295,12 +301,20 @@ def center_plan(width: int, height: int, sample_seed: int | None = None) -> Plan
     return Plan((rows, cols), ((*_center(rows, cols), False),))
 
 
-def ten_crop_plan(width: int, height: int, sample_seed: int | None = None) -> Plan:
-    """The standard 10-crop test (Sec. 3.4) of the 256 resize: the top-left, top-right, bottom-left,
-    bottom-right and center crops, then the horizontal flip of each in the same order, for the final
-    errors of Tables 2 and 3 (their scores are averaged, so the order does not matter)."""
+def ten_crop_plan(width: int, height: int, sample_seed: int | None = None, geometry: str = "full_image") -> Plan:
+    """The 10-crop test (Sec. 3.4) of the 256 resize: the top-left, top-right, bottom-left, bottom-right
+    and center crops, then the horizontal flip of each in the same order, for the final errors of Tables
+    2 and 3 (their scores are averaged, so the order does not matter). The corners are those of the whole
+    resize (geometry full_image) or of its central 256 x 256 square (center_square; TEN_CROP_GEOMETRIES)."""
+    if geometry not in TEN_CROP_GEOMETRIES:
+        raise ValueError(f"ten_crop geometry must be one of {', '.join(TEN_CROP_GEOMETRIES)}, got {geometry!r}")
     rows, cols = resized_size(width, height, EVAL_SHORT_SIDE)
-    corners = ((0, 0), (0, cols - CROP), (rows - CROP, 0), (rows - CROP, cols - CROP), _center(rows, cols))
+    top, left, bottom, right = 0, 0, rows, cols
+    if geometry == "center_square":
+        top, left = int(round((rows - EVAL_SHORT_SIDE) / 2)), int(round((cols - EVAL_SHORT_SIDE) / 2))
+        bottom, right = top + EVAL_SHORT_SIDE, left + EVAL_SHORT_SIDE
+    corners = ((top, left), (top, right - CROP), (bottom - CROP, left), (bottom - CROP, right - CROP),
+               _center(rows, cols))
     return Plan((rows, cols), tuple((top, left, flip) for flip in (False, True) for top, left in corners))
 
 
@@ -392,8 +406,10 @@ class ImageNetSamples(Dataset):
     full_size_decoder = staticmethod(_torchcodec_decode)
 
     def __init__(self, folder: ImageFolder, plan: Callable[[int, int, int], Plan], mean: torch.Tensor | None,
-                 seed: int, keep_batch_size: bool, device: torch.device = torch.device("cpu")):
+                 seed: int, keep_batch_size: bool, device: torch.device = torch.device("cpu"),
+                 draft_decode: bool = False):
         self.folder, self.plan, self.mean, self.seed = folder, plan, mean, seed
+        self.draft_decode = draft_decode  # data.draft_decode: reduced-size JPEG decoding (decode's `draft`)
         self.keep_batch_size, self.device = keep_batch_size, device
         # Moved to the device on first use, in the training process: the workers never touch CUDA.
         self._device_mean: torch.Tensor | None = None
@@ -427,7 +443,7 @@ class ImageNetSamples(Dataset):
         path, target = self.folder.samples[key[1]]
         try:
             data, header, plan = self._read(path, key)
-            crops = resample(decode(data, header, plan.resized, self.full_size_decoder), plan)
+            crops = resample(decode(data, header, plan.resized, self.draft_decode, self.full_size_decoder), plan)
         except UnreadableImage as error:
             return Unreadable(path, str(error)), target
         return Cropped(crops[0] if len(plan.crops) == 1 else crops, plan.alpha), target

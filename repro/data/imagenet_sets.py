@@ -4,6 +4,7 @@ It sits above both, so that neither imports the other's caller."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,19 +45,20 @@ class ImageNetData:
 
 
 def imagenet_datasets(root: str | Path, *, seed: int, mean_sample_size: int = MEAN_SAMPLE_SIZE,
-                      mean_workers: int = 0, decode: str = "auto",
-                      device: torch.device | str | None = None) -> ImageNetData:
+                      mean_workers: int = 0, decode: str = "auto", draft_decode: bool = False,
+                      ten_crop: str = "full_image", device: torch.device | str | None = None) -> ImageNetData:
     """Check the layout, get the mean image (cached) and build the datasets of the path `decode`
     chooses (decode_path), whose batches come out on `device` (default: the CPU). Class indices are
-    the sorted wnids (ImageFolder), the same in train and val."""
+    the sorted wnids (ImageFolder), the same in train and val. `draft_decode` and `ten_crop` are
+    data.draft_decode and eval.ten_crop."""
     train_dir, val_dir = check_imagenet_root(root)
     samples = EncodedSamples if decode_path(decode, device) == "gpu" else ImageNetSamples
-    on = {"seed": seed, "device": torch.device("cpu" if device is None else device)}
+    on = {"seed": seed, "device": torch.device("cpu" if device is None else device), "draft_decode": draft_decode}
     unreadable = UnreadableImages()
     # One mean per data folder (sample seed 0), shared by the runs of every seed instead of recomputed.
     mean = mean_image(train_dir, mean_sample_size, seed=0, workers=mean_workers, unreadable=unreadable)
     train, val = ImageFolder(str(train_dir)), ImageFolder(str(val_dir))
     return ImageNetData(train=samples(train, train_plan, mean, keep_batch_size=True, **on),
                         val=samples(val, center_plan, mean, keep_batch_size=False, **on),
-                        val_ten_crop=samples(val, ten_crop_plan, mean, keep_batch_size=False, **on),
+                        val_ten_crop=samples(val, partial(ten_crop_plan, geometry=ten_crop), mean, keep_batch_size=False, **on),
                         mean=mean, unreadable=unreadable)

@@ -22,8 +22,7 @@ import yaml
 
 from repro.contract import CONFIG, FINAL, METRIC_COLUMNS, METRICS, run_path
 from repro.errors import ReproError, SpecError
-from repro.paper import TABLE4_SCALES
-from repro.reuse import evaluation_path
+from repro.reuse import table4_record
 from repro.spec import ModelSpec, Spec, load_spec, validate
 # the one parser of the suite file, shared with run-all
 from repro.suite.plan import SAFE_LOADER, Suite, read_suite, spec_index
@@ -303,17 +302,7 @@ def multi_scale_evaluation(run: Run) -> dict[str, Any] | None:
     """The multi-scale test of a finished run's final network (Table 4), as `repro evaluate RUN --protocol
     multi_scale` wrote it beside final.json; None when it has not been run (or not at Table 4's scales,
     or its file cannot be read: running the command again rewrites it)."""
-    if run.state != FINISHED:
-        return None
-    try:
-        record = json.loads(evaluation_path(run.path, "multi_scale").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(record, dict) or tuple(record.get("scales") or ()) != TABLE4_SCALES or not record.get("flips"):
-        return None
-    if not all(isinstance(record.get(k), (int, float)) for k in ("top1_error", "top5_error")):
-        return None
-    return record
+    return table4_record(run.path) if run.state == FINISHED else None
 
 
 def curve_runs(runs: list[Run]) -> list[Run]:

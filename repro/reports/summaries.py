@@ -47,7 +47,8 @@ TABLE6_NOTE = (
 )
 IMAGENET_NOTE = (
     "Errors (%) on the ImageNet validation set at the end of training: 10-crop (4 corners, center, "
-    "and their flips) and center crop, mean ± sample std over the finished seeds; Diff: 10-crop top-1 "
+    "and their flips, in the 256 resize: the corners of the whole resize unless eval.ten_crop says "
+    "center_square) and center crop, mean ± sample std over the finished seeds; Diff: 10-crop top-1 "
     "minus the paper's, in percentage points. Paper: Table 2 (top-1) and Table 3 (top-1/top-5); "
     "Table 2's ResNets use option A shortcuts; the paper's ImageNet numbers are single runs. Runs that "
     "diverged, are damaged or are in progress are listed and not counted."
@@ -62,6 +63,22 @@ TABLE4_NOTE = (
     "paper's, in percentage points. Paper: Table 4 (single runs). The 10-crop top-1 of the same runs is beside "
     "it. Finished runs not yet tested are listed as not evaluated."
 )
+
+
+BN_STATS_NOTE = (
+    " BN: the BN statistics of the final network the errors read (its spec's eval.bn_stats): precise, a true "
+    "average over training images after the last iteration, as the authors computed them for their released "
+    "models; moving, PyTorch's moving averages. final.json holds the errors under both."
+)
+TABLE6_NOTE += BN_STATS_NOTE
+IMAGENET_NOTE += BN_STATS_NOTE
+TABLE4_NOTE += BN_STATS_NOTE
+
+
+def bn_stats_text(records: list[dict | None]) -> str:
+    """The BN statistics that final.json files (or evaluations) say they read, once each: "precise",
+    "moving", or both; a record older than the choice read the moving averages."""
+    return ", ".join(sorted({(record or {}).get("bn_stats") or "moving" for record in records}))
 
 
 def _missing(value: float | None) -> bool:
@@ -116,6 +133,7 @@ def table6_frame(runs_by_name: dict[str, list[Run]], names: list[str]) -> pd.Dat
             "paper_std": paper.TABLE6_RESNET110_STD if is_110 else None,
             "paper_best": paper.TABLE6_RESNET110_BEST if is_110 else None,
             "diff": _difference(stats, paper_value),
+            "bn_stats": bn_stats_text([run.final for run in finished(runs)]),
             "not_counted": _not_counted_text(runs),
         })
     return pd.DataFrame.from_records(records)
@@ -138,6 +156,7 @@ def write_table6(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         "n": [f"{n}/{e}" for n, e in zip(frame.n, frame.seeds_expected)],
         "Paper": frame.apply(_paper_table6_text, axis=1),
         "Diff": frame["diff"].map(lambda d: _number(d, "{:+.2f}")),
+        "BN": frame.bn_stats,
         "Not counted": frame.not_counted,
     })
     return write_table(out_dir, "table6", frame, shown=shown, note=TABLE6_NOTE,
@@ -184,6 +203,7 @@ def imagenet_frame(runs_by_name: dict[str, list[Run]], names: list[str]) -> pd.D
             if prefix == "ten_crop_top1":
                 record["diff"] = _difference(stats, paper_top1)
         records.append({**record, "paper_top1": paper_top1, "paper_top5": paper_top5,
+                        "bn_stats": bn_stats_text([run.final for run in finished(runs)]),
                         "not_counted": _not_counted_text(runs)})
     return pd.DataFrame.from_records(records)
 
@@ -205,17 +225,19 @@ def write_imagenet_table(frame: pd.DataFrame, out_dir: str | Path, stem: str) ->
         "Center top-1": _errors(frame, "center_top1"),
         "Center top-5": _errors(frame, "center_top5"),
         "n": [f"{n}/{e}" for n, e in zip(frame.n, frame.seeds_expected)],
+        "BN": frame.bn_stats,
         "Not counted": frame.not_counted,
     })
     return write_table(out_dir, stem, frame, shown=shown, note=IMAGENET_NOTE,
                        caption=IMAGENET_CAPTIONS[stem])
 
 
-def table4_names(suite: Suite, runs_by_name: dict[str, list[Run]]) -> list[str]:
-    """The networks of Table 4 that the suite runs, in the paper's order; none until one of them has a
-    finished run (Table 4 is then made, each network NOT RUN until its multi-scale test exists)."""
+def table4_names(suite: Suite, runs_by_name: dict[str, list[Run]], extras: bool = False) -> list[str]:
+    """The networks of Table 4 that the suite runs, in the paper's order; none until they were asked for
+    (`extras`, run-all --extras) or one of them has a finished run (each is then NOT RUN until its
+    multi-scale test exists)."""
     names = [n for n in paper.TABLE4_TOP1_TOP5_ERROR if n in suite.names()]
-    return names if any(finished(runs_by_name.get(n, [])) for n in names) else []
+    return names if extras or any(finished(runs_by_name.get(n, [])) for n in names) else []
 
 
 def multi_scale_stats(runs: list[Run], key: str) -> SeedStats | None:
@@ -241,7 +263,10 @@ def table4_frame(runs_by_name: dict[str, list[Run]], names: list[str]) -> pd.Dat
                         "seeds_expected": len(runs), **_stats_columns("multi_scale_top1", top1),
                         **_stats_columns("multi_scale_top5", top5), "diff": _difference(top1, paper_top1),
                         "paper_top1": paper_top1, "paper_top5": paper_top5,
-                        "ten_crop_top1_mean": None if ten_crop is None else ten_crop.mean, "not_counted": missing})
+                        "ten_crop_top1_mean": None if ten_crop is None else ten_crop.mean,
+                        "bn_stats": bn_stats_text([multi_scale_evaluation(r) for r in finished(runs)
+                                                   if multi_scale_evaluation(r)]),
+                        "not_counted": missing})
     return pd.DataFrame.from_records(records)
 
 
@@ -255,6 +280,7 @@ def write_table4(frame: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         "Paper top-5": frame.paper_top5.map(_number),
         "10-crop top-1": frame.ten_crop_top1_mean.map(_number),
         "n": [f"{n}/{e}" for n, e in zip(frame.n, frame.seeds_expected)],
+        "BN": frame.bn_stats,
         "Not counted": frame.not_counted,
     })
     return write_table(out_dir, "table4", frame, shown=shown, note=TABLE4_NOTE, caption=IMAGENET_CAPTIONS["table4"])

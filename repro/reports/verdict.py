@@ -24,6 +24,9 @@ from repro.reports.runs import (
 )
 
 PASS, FAIL, NOT_RUN = "PASS", "FAIL", "NOT RUN"
+# A claim on the suite's extras (Tables 3 and 4) when the report was not told they were asked for
+# (`--extras`) and none of them has finished: nothing is missing that was meant to run.
+NOT_ASKED = "NOT ASKED FOR"
 
 # How far a reproduced mean may lie from the paper's number and still count as reproduced, in
 # percentage points of error. Our choices, not the paper's.
@@ -139,9 +142,19 @@ def response_claim(text: str, names: list[str], responses: pd.DataFrame | None, 
                                     f"(the order {outcome})")
 
 
+def not_asked(claim: Claim, name: str, suite: Suite, runs_by_name: dict[str, list[Run]], extras: bool) -> Claim:
+    """`claim` as NOT ASKED FOR where it is NOT RUN on an extra of the suite that the run was not asked to
+    train (no --extras) and that has no finished run."""
+    if extras or claim.verdict != NOT_RUN or name not in suite.extras or finished(runs_by_name.get(name, [])):
+        return claim
+    return replace(claim, verdict=NOT_ASKED, evidence="an extra of the suite, not asked for: `run-all --extras` "
+                                                      "trains it (and tests Table 4's networks)")
+
+
 def evaluate_claims(suite: Suite, runs_by_name: dict[str, list[Run]],
-                    responses: pd.DataFrame | None) -> list[Claim]:
-    """The paper's qualitative claims, then one line per reproduced number against the paper's."""
+                    responses: pd.DataFrame | None, extras: bool = False) -> list[Claim]:
+    """The paper's qualitative claims, then one line per reproduced number against the paper's. `extras`:
+    the suite's extras were asked for (run-all --extras); otherwise their claims say NOT ASKED FOR."""
     labels = network_labels(suite, runs_by_name)
     missing = runs_missing(runs_by_name, labels)
     train = _over_seeds(["cifar_plain20", "cifar_plain56", "imagenet_plain18", "imagenet_plain34"],
@@ -179,14 +192,17 @@ def evaluate_claims(suite: Suite, runs_by_name: dict[str, list[Run]],
         paper_top1, _ = summaries.paper_imagenet_errors(name)
         if paper_top1 is not None:
             source = "Table 2" if name in paper.TABLE2_TOP1_ERROR else "Table 3"
-            claims.append(tolerance_claim(name, "10-crop top-1 error", source, top1[name], paper_top1,
-                                          IMAGENET_TOLERANCE, missing, labels))
-    for name in summaries.table4_names(suite, runs_by_name):  # once one of its networks has finished
+            claims.append(not_asked(tolerance_claim(name, "10-crop top-1 error", source, top1[name], paper_top1,
+                                                    IMAGENET_TOLERANCE, missing, labels),
+                                    name, suite, runs_by_name, extras))
+    for name in summaries.table4_names(suite, runs_by_name, extras):
         runs = runs_by_name.get(name, [])
         why = missing if not finished(runs) else multi_scale_missing(runs, labels)
-        claims.append(tolerance_claim(name, "multi-scale top-1 error", "Table 4",
-                                      summaries.multi_scale_stats(runs, "top1_error"),
-                                      paper.TABLE4_TOP1_TOP5_ERROR[name][0], IMAGENET_TOLERANCE, why, labels))
+        claims.append(not_asked(tolerance_claim(name, "multi-scale top-1 error", "Table 4",
+                                                summaries.multi_scale_stats(runs, "top1_error"),
+                                                paper.TABLE4_TOP1_TOP5_ERROR[name][0], IMAGENET_TOLERANCE, why,
+                                                labels),
+                                name, suite, runs_by_name, extras))
     return claims
 
 
@@ -194,8 +210,8 @@ def multi_scale_missing(runs: list[Run], labels: Labels) -> WhyMissing:
     """Finished runs whose final network has not had Table 4's test yet, with the command that runs it."""
     def why(names: list[str]) -> str:
         folders = " ".join(str(r.path) for r in summaries.not_evaluated(runs))
-        return (f"no multi-scale test of {', '.join(labels.get(n, n) for n in names)} yet: run `repro evaluate "
-                f"RUN --protocol multi_scale` for {folders}")
+        return (f"no multi-scale test of {', '.join(labels.get(n, n) for n in names)} yet: run `repro table4` "
+                f"(run-all --extras runs it) or `repro evaluate RUN --protocol multi_scale` for {folders}")
     return why
 
 
@@ -251,7 +267,7 @@ def _runs_section(suite: Suite, runs_by_name: dict[str, list[Run]]) -> str:
 
 
 def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/suite.yaml",
-                out_dir: str | Path | None = None, *, smoke: bool = False) -> Path:
+                out_dir: str | Path | None = None, *, smoke: bool = False, extras: bool = False) -> Path:
     """`repro report`: figures (<out>/figures), tables (<out>/tables) and <out>/REPORT.md from the run
     folders under <results_dir>/runs; out_dir defaults to results_dir; `smoke` expects the smoke
     suite's seed counts. Never trains. Returns the path of REPORT.md."""
@@ -263,7 +279,7 @@ def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/s
         print(f"warning: {run.path} is damaged ({run.problem}); it is left out of the report's numbers",
               file=sys.stderr)
     responses = read_responses(results / "tables" / RESPONSES_CSV)
-    claims = evaluate_claims(suite, runs_by_name, responses)
+    claims = evaluate_claims(suite, runs_by_name, responses, extras)
 
     figure_sections = []
     for stem, title, caption, keys, style in ERROR_FIGURES:
@@ -278,13 +294,14 @@ def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/s
     figure_sections.append(_figure_section("Figure 7", FIG7_CAPTION, fig7, out, "fig7",
                                            responses_missing(network_labels(suite, runs_by_name))(fig7_names)))
 
-    tables = _write_tables(suite, runs_by_name, out / "tables")
+    tables = _write_tables(suite, runs_by_name, out / "tables", extras)
     complexity = results / "tables" / "complexity.md"
     if complexity.is_file():
         tables.append(complexity.read_text())
 
     verdicts = pd.Series([c.verdict for c in claims]).value_counts()
-    tally = ", ".join(f"{verdicts.get(v, 0)} {v}" for v in (PASS, FAIL, NOT_RUN))
+    tally = ", ".join(f"{verdicts.get(v, 0)} {v}" for v in (PASS, FAIL, NOT_RUN, NOT_ASKED)
+                      if v != NOT_ASKED or verdicts.get(v, 0))
     report = "\n".join([
         "# Reproduction report: Deep Residual Learning for Image Recognition (He et al. 2015)\n",
         f"Made by `repro report` from the run folders in `{results}` and the suite `{suite.path}`. "
@@ -311,9 +328,9 @@ def make_report(results_dir: str | Path, suite_path: str | Path = "experiments/s
     return path
 
 
-def _write_tables(suite: Suite, runs_by_name: dict[str, list[Run]], out: Path) -> list[str]:
-    """Table 6, Table 2, (when the suite runs its extra networks) Table 3, and (once one of them has
-    finished) Table 4; returns their Markdown."""
+def _write_tables(suite: Suite, runs_by_name: dict[str, list[Run]], out: Path, extras: bool) -> list[str]:
+    """Table 6, Table 2, (when the suite runs its extra networks) Table 3, and (when they were asked for,
+    or once one of them has finished) Table 4; returns their Markdown."""
     written = []
     table6 = suite.table("table6")
     if table6:
@@ -323,7 +340,7 @@ def _write_tables(suite: Suite, runs_by_name: dict[str, list[Run]], out: Path) -
         names = summaries.imagenet_names(suite, stem)
         if names:
             written.append(summaries.write_imagenet_table(summaries.imagenet_frame(runs_by_name, names), out, stem))
-    table4 = summaries.table4_names(suite, runs_by_name)
+    table4 = summaries.table4_names(suite, runs_by_name, extras)
     if table4:
         written.append(summaries.write_table4(summaries.table4_frame(runs_by_name, table4), out))
     return [paths[1].read_text() for paths in written]

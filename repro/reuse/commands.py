@@ -32,6 +32,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_table4_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", default="results", help="results folder holding runs/ (default: results)")
+    parser.add_argument("--suite", default="experiments/suite.yaml", help="the suite whose Table 4 networks to test")
+    parser.add_argument("--data", help="the ImageNet root they trained on (default: each run's data.root, then "
+                                       "$REPRO_DATA)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--workers", type=int, default=4, help="data-loader processes (default 4)")
+
+
+def run_table4(args: argparse.Namespace) -> int:
+    from repro.reuse.evaluate import evaluate_table4
+
+    for run, record in evaluate_table4(args.results, args.suite, data=args.data, device=args.device,
+                                       workers=args.workers):
+        print(f"{run}: multi-scale top-1 error {record['top1_error']:.2f}%, top-5 error "
+              f"{record['top5_error']:.2f}% on {record['images']:,} images")
+    return 0
+
+
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", required=True, metavar="SOURCE",
                         help="a finished ImageNet run folder, or a torchvision ResNet weights file (.pth) on disk")

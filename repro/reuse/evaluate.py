@@ -2,7 +2,7 @@
 the validation set of its data, written to RUN/evaluations/<protocol>.json (never over final.json).
 
 - center: the 224 center crop of the 256 resize (the per-epoch error of Figure 4).
-- ten_crop: the standard 10-crop test of Tables 2 and 3 (Sec. 3.4).
+- ten_crop: the 10-crop test of Tables 2 and 3 (Sec. 3.4), at the run's eval.ten_crop geometry.
 - multi_scale: Table 4's test (Sec. 3.4): fully convolutional, the scores averaged over images resized
   to shorter sides of 224, 256, 384, 480 and 640. Our networks end in global average pooling and one FC
   layer, which is linear, so pooling then FC equals the FC applied at every position (the fully-
@@ -26,16 +26,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from repro.contract import atomic_write, data_root
+from repro.contract import FINAL, atomic_write, data_root, run_path
 from repro.data.imagenet import (EpochSampler, Unreadable, UnreadableImage, UnreadableImages, decode,
                                  make_loader, normalize, read_header, resized_size)
 from repro.data.imagenet_sets import imagenet_datasets
 from repro.distributed import Processes
 from repro.engine import evaluate, resolve_device
 from repro.errors import ReproError
-from repro.paper import TABLE4_SCALES
-from repro.reuse import PROTOCOLS, evaluation_path
-from repro.reuse.networks import fit_mean, load_network
+from repro.paper import TABLE4_TOP1_TOP5_ERROR, TABLE4_SCALES
+from repro.reuse import PROTOCOLS, evaluation_path, table4_record
+from repro.reuse.networks import load_network
+from repro.run_network import fit_mean
 
 MULTI_SCALE_SIDES = TABLE4_SCALES  # Sec. 3.4: the shorter sides of the fully-convolutional test (Table 4)
 # Ours (the paper is silent): the longer side is center-cropped to at most 3 times the shorter, so that
@@ -54,8 +55,9 @@ class ScaledImages(Dataset):
     target), or (Unreadable, target) for a file that no decoder reads."""
 
     def __init__(self, folder: ImageFolder, sides: tuple[int, ...] = MULTI_SCALE_SIDES,
-                 max_aspect: float = MAX_ASPECT):
+                 max_aspect: float = MAX_ASPECT, draft_decode: bool = False):
         self.folder, self.sides, self.max_aspect = folder, tuple(sides), max_aspect
+        self.draft_decode = draft_decode  # data.draft_decode of the run
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -68,7 +70,8 @@ class ScaledImages(Dataset):
             except OSError as error:
                 raise UnreadableImage(f"cannot read it ({error.strerror or error})") from None
             header = read_header(data)
-            pixels = decode(data, header, resized_size(header.width, header.height, max(self.sides)))
+            pixels = decode(data, header, resized_size(header.width, header.height, max(self.sides)),
+                            self.draft_decode)
         except UnreadableImage as error:
             return Unreadable(path, str(error)), target
         return self.views(pixels), target
@@ -174,7 +177,8 @@ def evaluate_run(run_dir: str | Path, protocol: str, *, data: str | None = None,
         raise ReproError(f"no data folder for {run_dir}: pass --data DIR (the root holding train/ and val/ "
                          "the run trained on) or set $REPRO_DATA")
     datasets = imagenet_datasets(root, seed=spec.seed, mean_sample_size=spec.data.mean_sample_size,
-                                 mean_workers=workers, device=device)
+                                 mean_workers=workers, draft_decode=spec.data.draft_decode,
+                                 ten_crop=spec.eval.ten_crop, device=device)
     classes = datasets.classes
     if spec.finetune is not None and classes != spec.finetune.classes:
         raise ReproError(f"the class folders of {root} are not the {len(spec.finetune.classes)} classes "
@@ -184,9 +188,11 @@ def evaluate_run(run_dir: str | Path, protocol: str, *, data: str | None = None,
         raise ReproError(f"{root} has {len(classes)} classes, more than the {outputs} outputs of {run_dir}'s network")
     # The precision the run trained and tested in (README: one network, one numeric format); fp32 by default.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.run.precision == "bf16")
-    record = {"protocol": protocol, "precision": spec.run.precision}
+    # bn_stats: the BN statistics in use, the run's eval.bn_stats where its checkpoint holds them
+    record = {"protocol": protocol, "precision": spec.run.precision, "bn_stats": state["bn_stats"]}
     if protocol == "multi_scale":
-        dataset = ScaledImages(ImageFolder(str(Path(root).expanduser() / "val")), sides, MAX_ASPECT)
+        dataset = ScaledImages(ImageFolder(str(Path(root).expanduser() / "val")), sides, MAX_ASPECT,
+                               spec.data.draft_decode)
         loader = DataLoader(dataset, batch_size=IMAGES_PER_STEP, num_workers=workers, collate_fn=list)
         probabilities, targets = multi_scale_probabilities(model, loader, datasets.mean, device, max_batch_pixels,
                                                            datasets.unreadable, autocast)
@@ -202,6 +208,8 @@ def evaluate_run(run_dir: str | Path, protocol: str, *, data: str | None = None,
         result = evaluate(model, _counted(loader, counter), autocast, Processes(), device)
         images = counter[0]
         record["crops"] = 1 if protocol == "center" else 10
+        if protocol == "ten_crop":
+            record["ten_crop"] = spec.eval.ten_crop
     record.update({
         "top1_error": result["error"], "top5_error": result["top5_error"], "loss": result["loss"],
         "images": images, "unreadable_images": len(datasets.unreadable), "iteration": state["iteration"],
@@ -212,3 +220,21 @@ def evaluate_run(run_dir: str | Path, protocol: str, *, data: str | None = None,
     path.parent.mkdir(exist_ok=True)
     atomic_write(path, json.dumps(record, indent=2), durable=True)
     return path, record
+
+
+def evaluate_table4(results: str | Path, suite_path: str | Path, *, data: str | None = None, device: str = "auto",
+                    workers: int = 4):
+    """`repro table4`: Table 4's multi-scale test of every finished run of the suite's Table 4 networks that
+    does not have it yet, one run after another, each written when done: a rerun goes on where a stopped
+    one ended. Yields (run folder, record) as each finishes."""
+    from repro.suite.plan import read_suite  # the suite file's one reader
+
+    suite = read_suite(suite_path)
+    for name in (n for n in TABLE4_TOP1_TOP5_ERROR if n in suite.names()):
+        for run_dir in sorted(run_path(results, name, 0).parent.glob("seed*")):
+            try:
+                finished = json.loads((run_dir / FINAL).read_text()).get("status") == "finished"
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+                finished = False
+            if finished and table4_record(run_dir) is None:
+                yield run_dir, evaluate_run(run_dir, "multi_scale", data=data, device=device, workers=workers)[1]

@@ -17,7 +17,7 @@ from repro.contract import FINAL, data_root
 from repro.data.imagenet import check_imagenet_root
 from repro.errors import ReproError
 from repro.reuse import STRATEGIES
-from repro.reuse.networks import class_folders, mean_available, read_torchvision, run_spec
+from repro.run_network import class_folders, mean_available, read_torchvision, run_spec
 from repro.spec import Spec, load_spec, merge, parse_overrides
 
 FINETUNE_SPECS = Path(__file__).resolve().parents[2] / "experiments" / "finetune"  # <strategy>.yaml

@@ -21,7 +21,8 @@ from repro.data.imagenet import (UnreadableImage, center_plan, decode, mean_imag
                                  resample)
 from repro.engine import resolve_device
 from repro.errors import ReproError
-from repro.reuse.networks import class_folders, load_network
+from repro.reuse.networks import load_network
+from repro.run_network import class_folders
 
 BATCH = 32  # images per forward pass; changes no result
 
@@ -56,15 +57,16 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def _crop(path: Path) -> torch.Tensor:
-    """The center crop (uint8 [3, 224, 224]) of the 256 resize, as the validation pipeline makes it."""
+def _crop(path: Path, draft: bool) -> torch.Tensor:
+    """The center crop (uint8 [3, 224, 224]) of the 256 resize, as the validation pipeline makes it
+    (`draft`: the run's data.draft_decode)."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise UnreadableImage(f"cannot read it ({error.strerror or error})") from None
     header = read_header(data)
     plan = center_plan(header.width, header.height)
-    return resample(decode(data, header, plan.resized), plan)[0]
+    return resample(decode(data, header, plan.resized, draft), plan)[0]
 
 
 def predict(run_dir: str | Path, inputs: list[str | Path], *, top: int = 5, data: str | None = None,
@@ -93,7 +95,7 @@ def predict(run_dir: str | Path, inputs: list[str | Path], *, top: int = 5, data
     for path in image_files(inputs):
         true = path.parent.name if path.parent.name in classes else None
         try:
-            predictions.append(Prediction(path, true, [], [], _crop(path)))
+            predictions.append(Prediction(path, true, [], [], _crop(path, spec.data.draft_decode)))
         except UnreadableImage as error:
             predictions.append(Prediction(path, true, [], [], None, str(error)))
     readable = [p for p in predictions if p.crop is not None]

@@ -201,6 +201,7 @@ class Plan:
     make_data: dict[str, list[str]]  # --smoke: the `repro make-data` arguments of each data folder missing
     overrides: dict[str, list[str]]  # --smoke: KEY=VALUE overrides by dataset or spec name
     tensorboard: bool = False  # --tensorboard: every run also writes TensorBoard events (run.tensorboard)
+    extras: bool = False  # --extras: the extras are trained, and Table 4's networks tested after training
 
     def pending(self, dataset: str) -> list[Run]:
         return [run for run in self.runs if run.dataset == dataset and run.state() != "finished"]
@@ -218,7 +219,10 @@ class Plan:
         reports = [("complexity", ["complexity", "--out", str(self.results / "tables")])]
         if "cifar10" in self.data:  # Fig. 7 is about CIFAR-10 nets only
             reports.append(("responses", ["responses", *which, "--data", str(self.data["cifar10"])]))
-        return reports + [("report", ["report", *which, *(["--smoke"] if self.smoke else [])])]
+        if self.extras and "imagenet" in self.data:  # Table 4's test of every finished network it lists
+            reports.append(("table4", ["table4", *which, "--data", str(self.data["imagenet"])]))
+        return reports + [("report", ["report", *which, *(["--smoke"] if self.smoke else []),
+                                      *(["--extras"] if self.extras else [])])]
 
 
 def make_plan(options: argparse.Namespace) -> Plan:
@@ -266,7 +270,8 @@ def make_plan(options: argparse.Namespace) -> Plan:
                 make_data[dataset] = ["make-data", dataset, "--out", str(partial_folder(data[dataset])), *sizes]
         else:
             data[dataset] = check_data(dataset, given)
-    return Plan(runs, suite.path.absolute(), results, options.smoke, data, make_data, overrides, options.tensorboard)
+    return Plan(runs, suite.path.absolute(), results, options.smoke, data, make_data, overrides,
+                options.tensorboard, options.extras)
 
 
 def run_overrides(overrides: dict[str, list[str]], dataset: str, name: str) -> list[str]:

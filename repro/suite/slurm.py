@@ -221,7 +221,10 @@ exit "$STATUS"
 
 def report_script(plan: Plan, resources: Resources, path: Path) -> str:
     directives = ["--job-name=repro-report", "--nodes=1", "--ntasks-per-node=1", f"--cpus-per-task={resources.cpus}",
-                  f"--output={output_pattern(plan, '%x_%j.out')}", *resources.common]
+                  f"--output={output_pattern(plan, '%x_%j.out')}", *resources.common,
+                  # Table 4's test (run-all --extras) runs the networks: one GPU
+                  *(["--gres=gpu:1"] if resources.gpus_per_node and any(n == "table4" for n, _ in
+                                                                          plan.report_arguments()) else [])]
     steps = "\n".join(f"step {name} {shlex.join([*REPRO, *arguments])}"
                       for name, arguments in plan.report_arguments())
     return f"""\
