@@ -86,7 +86,7 @@ def launch(command: list[str], nproc: int, environ: dict[str, str] | None = None
 
 def _wait(ranks: list[subprocess.Popen]) -> int:
     failure, failed_at = None, None
-    while any(process.poll() is None for process in ranks):
+    while None in [process.poll() for process in ranks]:  # every rank's code, not up to the first running
         if failure is None:
             failure = next((p.returncode for p in ranks if p.returncode not in (None, EXIT_OK, EXIT_PREEMPTED)), None)
             failed_at = time.monotonic() if failure is not None else None

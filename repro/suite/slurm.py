@@ -201,7 +201,10 @@ mkdir -p "$(dirname "$LOG")"
 RUN="$(basename "$(dirname "$LOG")") $(basename "$LOG" .out)"
 say() { echo "$(date '+%F %T.%3N') job $SLURM_JOB_ID, $RUN: $*" | tee -a "$LOG"; }
 SIGNAL= TRAINER=
-stop() { SIGNAL=$1; [ -z "$TRAINER" ] || kill -USR1 "$TRAINER" 2>/dev/null; }  # checkpoint, exit with 75
+stop() {  # the trainer checkpoints and exits with 75
+    SIGNAL=$1
+    if [ -n "$TRAINER" ]; then say "SIG$1: passed on SIGUSR1 to the trainer"; kill -USR1 "$TRAINER" 2>/dev/null; fi
+}
 trap 'stop USR1' USR1
 trap 'stop TERM' TERM
 say "start $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname): ${TRAIN[*]}"
