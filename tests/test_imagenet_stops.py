@@ -137,10 +137,10 @@ os.write(1, f"rank {rank} slept\\n".encode())
 """
 
 
-def start_launcher(ranks: int, **environment: str) -> subprocess.Popen:
+def start_launcher(ranks: int, new_session: str = "", **environment: str) -> subprocess.Popen:
     code = f"import sys; from repro.suite.launch import launch; sys.exit(launch([sys.executable, '-c', {RANK!r}], {ranks}))"
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **environment},
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, start_new_session=bool(new_session))
 
 
 def read_lines(process: subprocess.Popen, count: int) -> list[str]:
@@ -166,6 +166,15 @@ def test_a_stop_reaches_every_rank_and_exit_75_comes_back_however_long_the_save(
     output, _ = launcher.communicate(timeout=30)
     assert launcher.returncode == EXIT_PREEMPTED
     assert sorted(output.splitlines()) == [f"rank {rank} saved after signal {int(received)}" for rank in range(2)]
+
+
+def test_a_ctrl_c_in_the_terminal_stops_the_ranks_instead_of_interrupting_them():
+    launcher = start_launcher(2, SAVE_S="1", new_session="1")
+    read_lines(launcher, 2)
+    os.killpg(launcher.pid, signal.SIGINT)  # what a Ctrl-C does: the whole foreground process group
+    output, _ = launcher.communicate(timeout=30)
+    assert launcher.returncode == EXIT_PREEMPTED
+    assert sorted(output.splitlines()) == [f"rank {rank} saved after signal {int(signal.SIGTERM)}" for rank in range(2)]
 
 
 def test_a_failed_rank_ends_the_others_and_its_exit_code_is_the_launchers(monkeypatch, capfd):
@@ -196,12 +205,14 @@ def test_local_imagenet_run_of_two_ranks_stops_on_sigterm_and_resumes_exactly(ex
     run_all.send_signal(signal.SIGTERM)
     output, _ = run_all.communicate(timeout=TIMEOUT_S)
     assert run_all.returncode == EXIT_PREEMPTED, output
-    assert "one process on each of GPUs 0,1" in output and re.search(r"stopped\s+imagenet_resnet18 seed 0", output), output
-    assert "stopped after a checkpoint: 1" in output and "FAILED" not in output, output
+    assert re.search(r"stopped\s+imagenet_resnet18 seed 0", output), output
+    assert "stopped after a checkpoint: run the same command to resume: 1" in output and "FAILED" not in output, output
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert_stopped_mid_epoch_and_resumed(text(folder / "log.txt"), [signal.SIGTERM])
+    log = text(folder / "log.txt")
+    assert "starting imagenet_resnet18 seed 0 at iteration 0 on cpu x2" in log, log  # two ranks
+    assert_stopped_mid_epoch_and_resumed(log, [signal.SIGTERM])
     assert rows(folder) == reference
 
 

@@ -45,9 +45,12 @@ def rank_environments(nproc: int, environ: dict[str, str]) -> list[dict[str, str
              "OMP_NUM_THREADS": threads} for rank in range(nproc)]
 
 
-def _die_with_parent() -> None:
-    """In each rank before it runs: SIGTERM when the launcher dies (SIGKILL'ed, say), so that no rank
-    trains on alone; SIGTERM, a stop, checkpoints."""
+def _prepare_rank() -> None:
+    """In each rank before it runs. SIGINT ignored: a Ctrl-C in the terminal reaches the launcher's
+    whole process group, and the launcher asks every rank to stop rather than interrupt it. SIGTERM
+    when the launcher dies (SIGKILL'ed, say), so that no rank trains on alone: a stop, which
+    checkpoints."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -73,9 +76,7 @@ def launch(command: list[str], nproc: int, environ: dict[str, str] | None = None
     previous = {sig: signal.signal(sig, forward) for sig in handled}
     try:
         for env in rank_environments(nproc, dict(os.environ if environ is None else environ)):
-            # A session of its own: a Ctrl-C in the terminal reaches the launcher only, which asks
-            # every rank to stop rather than interrupt it.
-            ranks.append(subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent))
+            ranks.append(subprocess.Popen(command, env=env, preexec_fn=_prepare_rank))
         for signum in received:  # a stop that came while the ranks were starting
             forward(signum, None)
         return _wait(ranks)
@@ -93,7 +94,7 @@ def _wait(ranks: list[subprocess.Popen]) -> int:
         elif time.monotonic() - failed_at > FAILURE_GRACE_S:
             for process in ranks:
                 if process.poll() is None:
-                    os.killpg(process.pid, signal.SIGKILL)  # its data-loader workers too
+                    process.kill()  # its data-loader workers end with it
                     process.wait()
             break
         time.sleep(POLL_S)
