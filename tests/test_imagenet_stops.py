@@ -38,8 +38,10 @@ TIME_COLUMNS = {"epoch_seconds", "images_per_second"}  # the only columns a resu
 # in epoch 1 stops at iteration 10 and one in epoch 2 at 20: both in the middle of an epoch.
 CLASSES, TRAIN_IMAGES, BATCH = 2, 7, 2
 EPOCH_ITERATIONS = CLASSES * TRAIN_IMAGES // BATCH
+# No data-loader processes: a rank forking one while gloo's threads run can deadlock in CPython 3.11's
+# fork (PyOS_AfterFork_Child waits for a lock another thread held), seen here once in a few runs.
 SETTINGS = {"run": {"device": "cpu", "progress": "log"},
-            "data": {"workers": 1, "mean_sample_size": 4, "eval_batch_size": 2},
+            "data": {"workers": 0, "mean_sample_size": 4, "eval_batch_size": 2},
             "optim": {"batch_size": BATCH, "max_iters": 3 * EPOCH_ITERATIONS, "lr_schedule": "milestones",
                       "lr_milestones": [2 * EPOCH_ITERATIONS]}}
 
@@ -208,8 +210,14 @@ def test_local_imagenet_run_of_two_ranks_stops_on_sigterm_and_resumes_exactly(ex
     assert re.search(r"stopped\s+imagenet_resnet18 seed 0", output), output
     assert "stopped after a checkpoint: run the same command to resume: 1" in output and "FAILED" not in output, output
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert again.returncode == 0, again.stdout + again.stderr
+    # The same command resumes the run; the reports after it (minutes on 2 cores) are stopped too.
+    again = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while not lines or lines[-1] and not re.match(r"(done|stopped|failed)\s+imagenet_resnet18 seed 0", lines[-1]):
+        lines.append(again.stdout.readline())  # "" at the end of the output
+    again.send_signal(signal.SIGTERM)
+    output, _ = again.communicate(timeout=TIMEOUT_S)
+    assert lines[-1].startswith("done"), "".join(lines) + output
     log = text(folder / "log.txt")
     assert "starting imagenet_resnet18 seed 0 at iteration 0 on cpu x2" in log, log  # two ranks
     assert_stopped_mid_epoch_and_resumed(log, [signal.SIGTERM])
@@ -243,7 +251,7 @@ def job_field(job: str, field: str) -> str:
 
 def step_pids(job: str) -> list[int]:
     """The processes of the job's srun step (its tasks and their data-loader workers)."""
-    listing = scontrol("listpids", job).splitlines()[1:]  # PID JOBID STEPID LOCALID GLOBALID
+    listing = scontrol("listpids", job_field(job, "JobId")).splitlines()[1:]  # PID JOBID STEPID LOCALID GLOBALID
     return [int(fields[0]) for fields in map(str.split, listing) if len(fields) > 2 and fields[2] == "0"]
 
 

@@ -106,6 +106,10 @@ def run_burst(planned: PlannedSpec, device_type: str, real_root: Path | None, sc
             return [_failed(label, data, log, keep_log)], None
         results = work / "results"
         command, iterations, batch = _train_command(planned, size, data, results, ranks)
+        if ranks > 1 and device_type == "cpu":
+            # no loader processes: a gloo rank forking one can deadlock in CPython 3.11's fork (a lock
+            # held by another thread at the fork), which would hang the check, not test the launch
+            command += ["--set", "data.workers=0"]
         folder = run_path(results, planned.name, planned.spec.seed)
         problem = _stop_after_first_epoch(command, folder, log)
         if problem:

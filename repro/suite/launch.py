@@ -65,20 +65,22 @@ def launch(command: list[str], nproc: int, environ: dict[str, str] | None = None
     ranks: list[subprocess.Popen] = []
     received: list[int] = []
 
-    def forward(signum: int, frame) -> None:
-        received.append(signum)
-        passed_on = signal.SIGTERM if signum == signal.SIGINT else signum
+    def pass_on(signum: int) -> None:
         for process in ranks:
             if process.poll() is None:
-                process.send_signal(passed_on)
+                process.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    def forward(signum: int, frame) -> None:
+        received.append(signum)
+        pass_on(signum)
 
     handled = (*STOP_SIGNALS, signal.SIGINT)
     previous = {sig: signal.signal(sig, forward) for sig in handled}
     try:
         for env in rank_environments(nproc, dict(os.environ if environ is None else environ)):
             ranks.append(subprocess.Popen(command, env=env, preexec_fn=_prepare_rank))
-        for signum in received:  # a stop that came while the ranks were starting
-            forward(signum, None)
+        for signum in set(received):  # a stop that came while the ranks were starting reaches them all
+            pass_on(signum)
         return _wait(ranks)
     finally:
         for sig, handler in previous.items():
