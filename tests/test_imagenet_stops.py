@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 TIME_COLUMNS = {"epoch_seconds", "images_per_second"}  # the only columns a resume may change
 # The shipped ResNet-18 spec on 2 classes of 7 generated images: epochs of 7 iterations of 2 images
-# (one a rank). Two ranks check for a stop every 10 iterations (repro/engine.py), so a stop signal
-# in epoch 1 stops at iteration 10 and one in epoch 2 at 20: both in the middle of an epoch.
+# (one a rank). Two ranks check for a stop every 10 iterations and at an epoch's end (repro/engine.py),
+# so a stop signal in epoch 1 stops at iteration 10 and one in epoch 3 at 20: both mid-epoch.
 CLASSES, TRAIN_IMAGES, BATCH = 2, 7, 2
 EPOCH_ITERATIONS = CLASSES * TRAIN_IMAGES // BATCH
 # No data-loader processes: a rank forking one while gloo's threads run can deadlock in CPython 3.11's
@@ -282,13 +282,15 @@ def test_slurm_imagenet_job_of_two_tasks_is_preempted_both_ways_requeued_and_res
 
     # 2. The time-limit warning (--signal=B:USR1@120) to the batch shell, which passes it on through
     # srun. Slurm sends it within 30 s of the limit coming near (its time-limit checks are that far
-    # apart): the ranks wait, frozen, for it in epoch 2 of the second start.
+    # apart): the ranks wait, frozen, for it in epoch 3 (in epoch 2 they would stop at its end, 14).
+    wait_until(lambda: has_rows(folder, 2), "the second epoch")
     frozen = step_pids(job)
     assert frozen, scontrol("listpids", job)
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
-    scontrol("update", f"jobid={job}", "TimeLimit=2")
-    wait_until(lambda: "passed on SIGUSR1" in text(run.log), "Slurm's time-limit warning", timeout=90)
+    # 3 minutes from this start: the warning is due at 1 minute, and the ranks have 2 to save in
+    scontrol("update", f"jobid={job}", "TimeLimit=3")
+    wait_until(lambda: "passed on SIGUSR1" in text(run.log), "Slurm's time-limit warning", timeout=120)
     for pid in frozen:
         os.kill(pid, signal.SIGCONT)
     wait_until(lambda: job_field(job, "Restarts") == "2", "the second requeue")

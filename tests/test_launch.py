@@ -323,11 +323,12 @@ def test_slurm_refuses_to_submit_while_jobs_of_the_results_folder_are_queued(tmp
 
 TRAINER = """#!/bin/bash
 # Stands in for `python -m repro train`: exits with $TRAINER_EXIT, or, when that is "wait", trains
-# until SIGUSR1 (what the job script passes on), then "checkpoints" and exits with 75 as the engine does. $EVENTS.args gets the
+# until SIGTERM or SIGUSR1, then "checkpoints" and exits with 75 as the engine does. $EVENTS.args gets the
 # arguments, each ended by a NUL.
 echo "started $*" >> "$EVENTS"
 printf '%s\\0' "$@" > "$EVENTS.args"
 if [ "$TRAINER_EXIT" != wait ]; then exit "$TRAINER_EXIT"; fi
+trap 'echo "trainer got TERM" >> "$EVENTS"; exit 75' TERM
 trap 'echo "trainer got USR1" >> "$EVENTS"; exit 75' USR1
 sleep 30 & wait
 """
@@ -378,7 +379,8 @@ def test_array_script_passes_signals_on_and_requeues_checkpointed_runs(
     assert job.returncode == exit_code, output
     lines = events.read_text().splitlines()
     assert lines[0] == f"started -m repro {' '.join(plan.train_arguments(array.runs[2]))}"
-    assert ("trainer got USR1" in lines) == (signal_to_job is not None)
+    assert [line for line in lines if line.startswith("trainer got")] == ([f"trainer got {signal_to_job}"]
+                                                                         if signal_to_job else [])
     assert ("scontrol requeue 42" in lines) == requeued
     assert f"end: exit code {exit_code}" in array.runs[2].log.read_text()  # the run's output file
 

@@ -155,6 +155,7 @@ def array_script(array: Array, plan: Plan, resources: Resources) -> str:
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=$((29500 + SLURM_JOB_ID % 1000))
 export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
+PASS_ON=USR1  # srun answers SIGTERM by killing its tasks, and hands SIGUSR1 on to them unchanged
 TRAIN=(srun --kill-on-bad-exit=0 --wait={SIGNAL_LEAD_S} --cpus-per-task="$SLURM_CPUS_PER_TASK"{f" --gres=gpu:{gpus}" if gpus else ""}
        bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank
        {python} -m repro "${{ARGS[@]}}")"""
@@ -194,8 +195,8 @@ def runs_list(runs: list[Run], plan: Plan) -> str:
 
 
 # Runs "${TRAIN[@]}" in the background, so that the shell can take signals while it waits. A signal
-# is passed on as SIGUSR1, a stop signal of the trainer that srun forwards unchanged (SIGTERM would make
-# srun kill its tasks); one that comes before the trainer starts is passed on once it has.
+# is passed on as it came, or as $PASS_ON where set; one that comes before the trainer starts is
+# passed on once it has.
 TRAINER_BODY = """\
 mkdir -p "$(dirname "$LOG")"
 RUN="$(basename "$(dirname "$LOG")") $(basename "$LOG" .out)"
@@ -203,7 +204,10 @@ say() { echo "$(date '+%F %T.%3N') job $SLURM_JOB_ID, $RUN: $*" | tee -a "$LOG";
 SIGNAL= TRAINER=
 stop() {  # the trainer checkpoints and exits with 75
     SIGNAL=$1
-    if [ -n "$TRAINER" ]; then say "SIG$1: passed on SIGUSR1 to the trainer"; kill -USR1 "$TRAINER" 2>/dev/null; fi
+    if [ -n "$TRAINER" ]; then
+        say "SIG$1: passed on SIG${PASS_ON:-$1} to the trainer"
+        kill -"${PASS_ON:-$1}" "$TRAINER" 2>/dev/null
+    fi
 }
 trap 'stop USR1' USR1
 trap 'stop TERM' TERM
