@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from repro.check.items import Item, fail, ok
+from repro.check.items import Item, fail, note, ok
 
 CPU_RANKS = 2  # gloo on a machine without GPUs: the code path of a multi-GPU run, cheaply
 ELEMENTS = 2 ** 20  # 4 MiB of fp32: large enough for NCCL to use its real ring, not its short-message path
@@ -23,7 +23,7 @@ def all_reduce() -> Item:
     gpus = torch.cuda.device_count()
     ranks, over = (gpus, f"{gpus} GPUs (nccl)") if gpus else (CPU_RANKS, f"{CPU_RANKS} CPU processes (gloo)")
     if gpus == 1:
-        return ok("devices", "all_reduce", "one GPU visible: no collective to check")
+        return note("devices", "all_reduce", "one GPU visible: no collective to check")
     code = launch([sys.executable, "-m", "repro.check.collective"], ranks)
     if code:
         return fail("devices", "all_reduce", f"an all_reduce over {over} failed (exit code {code}); its output is "
