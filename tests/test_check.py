@@ -292,3 +292,35 @@ def test_a_real_burst_on_generated_data_trains_stops_resumes_and_projects(tmp_pa
     assert report["device_hours"] == pytest.approx(5 * row["hours_per_run"])
     assert "the whole suite" in out and "cifar10 resume" in out
     assert list((tmp_path / "results").iterdir()) == []  # no run, data or process of the burst is left
+
+
+def imagenet_check_items(tmp_path: Path) -> dict:
+    """`repro check` of ImageNet ResNet-18 on generated data (there is no ImageNet here: exit code 1)."""
+    assert main(["check", "--suite", str(SUITE), "--only", "imagenet_resnet18", "--results", str(tmp_path / "results"),
+                 "--out", str(tmp_path / "out"), "--data-imagenet", str(tmp_path / "none")]) == 1
+    report = json.loads(next((tmp_path / "out").glob("check-*.json")).read_text())
+    return {item["name"]: item for item in report["items"]}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's path; GPUs have their own test below")
+def test_imagenet_gets_a_two_process_burst_through_the_launcher_and_an_all_reduce(tmp_path, capsys):
+    """On the CPU over gloo, what two GPUs would run over NCCL: a SIGTERM to the launcher of
+    `run-all --local` stops both ranks with exit 75, and the rerun resumes and finishes."""
+    items = imagenet_check_items(tmp_path)
+    assert items["all_reduce"]["status"] == OK and "2 CPU processes (gloo)" in items["all_reduce"]["detail"]
+    multi = items["imagenet 2-process burst"]
+    assert multi["status"] == NOTE and "in 2 processes" in multi["detail"], multi  # generated data, two ranks
+    assert items["imagenet 2-process resume"]["status"] == OK, items["imagenet 2-process resume"]
+    assert items["imagenet resume"]["status"] == OK and items["cleanup"]["status"] == OK
+    assert list((tmp_path / "results").iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across GPUs needs two or more GPUs")
+def test_on_several_gpus_the_two_process_burst_and_the_all_reduce_run_over_nccl(tmp_path):
+    items = imagenet_check_items(tmp_path)
+    assert items["all_reduce"]["status"] == OK
+    assert f"{torch.cuda.device_count()} GPUs (nccl)" in items["all_reduce"]["detail"]
+    assert "in 2 processes" in items["imagenet 2-process burst"]["detail"]
+    assert items["imagenet 2-process resume"]["status"] == OK, items["imagenet 2-process resume"]

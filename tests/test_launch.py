@@ -301,13 +301,14 @@ def test_slurm_writes_resubmittable_scripts_and_submits_arrays_then_the_report(t
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
         for directive in ("--partition=gpu", "--time=24:00:00", "--constraint=a100"):
             assert f"#SBATCH {directive}\n" in text
-    for script, size, gres, nodes, cpus in ((cifar, len(cifar_runs), 1, 1, 8), (imagenet, 1, 4, 2, 32)):
+    for script, size, gres, nodes, tasks in ((cifar, len(cifar_runs), 1, 1, 1), (imagenet, 1, 4, 2, 4)):
         text = script.read_text()
         for directive in (f"--array=0-{size - 1}", "--requeue", "--signal=B:USR1@120", f"--gres=gpu:{gres}",
-                          f"--nodes={nodes}", f"--cpus-per-task={cpus}", "--open-mode=append"):
+                          f"--nodes={nodes}", f"--ntasks-per-node={tasks}", "--cpus-per-task=8", "--open-mode=append"):
             assert f"#SBATCH {directive}\n" in text
         assert "trap 'stop USR1' USR1" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
-    assert "--nproc-per-node 4" in imagenet.read_text() and "srun" in imagenet.read_text()
+    # one srun task per GPU, no torchrun (it kills a stopping trainer after 30 s and loses its exit code 75)
+    assert "srun" in imagenet.read_text() and "torch.distributed.run" not in imagenet.read_text()
     assert "--array" not in report.read_text() and "--requeue" not in report.read_text()
 
 
@@ -322,12 +323,13 @@ def test_slurm_refuses_to_submit_while_jobs_of_the_results_folder_are_queued(tmp
 
 TRAINER = """#!/bin/bash
 # Stands in for `python -m repro train`: exits with $TRAINER_EXIT, or, when that is "wait", trains
-# until SIGTERM, then "checkpoints" and exits with 75 as the engine does. $EVENTS.args gets the
+# until SIGTERM or SIGUSR1, then "checkpoints" and exits with 75 as the engine does. $EVENTS.args gets the
 # arguments, each ended by a NUL.
 echo "started $*" >> "$EVENTS"
 printf '%s\\0' "$@" > "$EVENTS.args"
 if [ "$TRAINER_EXIT" != wait ]; then exit "$TRAINER_EXIT"; fi
 trap 'echo "trainer got TERM" >> "$EVENTS"; exit 75' TERM
+trap 'echo "trainer got USR1" >> "$EVENTS"; exit 75' USR1
 sleep 30 & wait
 """
 
@@ -377,7 +379,8 @@ def test_array_script_passes_signals_on_and_requeues_checkpointed_runs(
     assert job.returncode == exit_code, output
     lines = events.read_text().splitlines()
     assert lines[0] == f"started -m repro {' '.join(plan.train_arguments(array.runs[2]))}"
-    assert ("trainer got TERM" in lines) == (signal_to_job is not None)
+    assert [line for line in lines if line.startswith("trainer got")] == ([f"trainer got {signal_to_job}"]
+                                                                         if signal_to_job else [])
     assert ("scontrol requeue 42" in lines) == requeued
     assert f"end: exit code {exit_code}" in array.runs[2].log.read_text()  # the run's output file
 
@@ -547,8 +550,8 @@ def test_local_gpu_stages_share_gpus_among_cifar_runs_and_give_imagenet_all_of_t
     assert [job.run for job in cifar.jobs] == plan.pending("cifar10")
     assert imagenet.slots == [{"CUDA_VISIBLE_DEVICES": "2,5"}]
     [job] = imagenet.jobs
-    assert job.command[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "repro"]
-    assert job.command[8:] == plan.train_arguments(job.run)
+    assert job.command[1:6] == ["-m", "repro.suite.launch", "--nproc-per-node", "2", "--"]
+    assert job.command[6:] == plan.train_arguments(job.run)
     assert [job.label for job in reports.jobs] == ["complexity", "responses", "report"]
 
 

@@ -3,7 +3,9 @@ run the suite, before anyone spends GPU-hours on it.
 
 It checks the software, the devices, the data, the free disk and (--slurm) Slurm; then trains a short
 burst of each planned dataset's smallest ResNet through the real `repro train` (stopped by SIGTERM and
-resumed), and projects the wall time of every planned run from the speed measured. It prints a table,
+resumed), and projects the wall time of every planned run from the speed measured. When ImageNet is
+planned, its multi-process path too: a 2-process burst through the launcher `run-all --local` uses,
+and an all_reduce over every visible GPU (over gloo on the CPU where there is none). It prints a table,
 writes <out>/check-<host>.json, and exits 1 when an item failed; each failure names its fix.
 
 items.py is a line of the table; machine.py, data.py and burst.py make them; suite.py is the runs
@@ -131,11 +133,34 @@ def _bursts(planned, datasets: list[str], real: dict[str, Path | None], results:
             items += found
             if speed is not None:
                 speeds[dataset] = speed
+        if "imagenet" in datasets:  # the only runs of several processes
+            items += _multi_process(planned, device_type, real["imagenet"], scratch, out, host)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return items + [burst.cleanup(scratch)], speeds
+
+
+def _multi_process(planned, device_type: str, real_root: Path | None, scratch: Path, out: Path,
+                   host: str) -> list:
+    """The ImageNet burst again as several processes, and an all_reduce over every GPU."""
+    import torch
+
+    from repro.check import burst, collective
+    from repro.check.items import note
+
+    items = [collective.all_reduce()]
+    gpus = torch.cuda.device_count()
+    name = f"imagenet {burst.MULTI_PROCESS}-process burst"
+    if device_type == "cuda" and gpus < burst.MULTI_PROCESS:
+        return items + [note("training", name, f"{gpus} GPU visible: an ImageNet run trains in one process here")]
+    print(f"repro check: training {name} on {device_type}", file=sys.stderr, flush=True)
+    kept_log = out / f"check-{host}-imagenet-{burst.MULTI_PROCESS}-process.log"
+    kept_log.unlink(missing_ok=True)
+    found, _ = burst.run_burst(burst.burst_spec(planned, "imagenet"), device_type, real_root, scratch, kept_log,
+                               ranks=burst.MULTI_PROCESS)
+    return items + found
 
 
 def _stop(signum: int, frame) -> None:

@@ -5,6 +5,8 @@ A burst trains the smallest planned ResNet of a dataset for EPOCHS short epochs 
 After the first epoch's row it sends SIGTERM (the trainer must checkpoint and exit 75), then runs the
 same command again, which must resume and finish, and exit. The loss must be finite and falling. The
 speed of the last epoch, scaled by multiply-adds, projects the wall time of every planned run.
+ImageNet also gets a burst of MULTI_PROCESS ranks through the launcher that `run-all --local` starts
+its ImageNet runs with (repro/suite/launch.py): over NCCL on two GPUs, over gloo on the CPU.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from repro.check.data import CIFAR10_IMAGES, IMAGENET_IMAGES
 from repro.check.items import Item, fail, note, ok
 from repro.check.suite import PlannedSpec, network_size
 from repro.contract import CHECKPOINTS, ENV, EXIT_OK, EXIT_PREEMPTED, FINAL, LATEST, METRICS, run_path
-from repro.suite.plan import REPRO
+from repro.suite.plan import PYTHON, REPRO
 from repro.suite.slurm import SIGNAL_LEAD_S
 
 # The stop comes after epoch 1, the resume finishes epoch 2, and epoch 3 runs whole in the resumed
@@ -37,6 +39,7 @@ EXIT_AFTER_FINAL_S = 60  # a trainer has nothing left to do once final.json is w
 TRAIN_IMAGES = {"cifar10": CIFAR10_IMAGES["train"], "imagenet": IMAGENET_IMAGES["train"]}
 TEST_IMAGES = {"cifar10": CIFAR10_IMAGES["test"], "imagenet": IMAGENET_IMAGES["val"]}
 FORWARD_SHARE = 1 / 3  # a test image costs a forward pass, about a third of a training step's work
+MULTI_PROCESS = 2  # ranks of the multi-process burst
 
 
 @dataclass(frozen=True)
@@ -88,17 +91,26 @@ def burst_spec(planned: list[PlannedSpec], dataset: str) -> PlannedSpec:
 
 
 def run_burst(planned: PlannedSpec, device_type: str, real_root: Path | None, scratch: Path,
-              keep_log: Path) -> tuple[list[Item], Speed | None]:
-    """Train the burst of `planned` in `scratch`; its items, and its speed when it trained. The output
-    of a failed burst is kept at `keep_log`."""
+              keep_log: Path, ranks: int = 1) -> tuple[list[Item], Speed | None]:
+    """Train the burst of `planned` in `scratch`, as `ranks` processes through the launcher when more
+    than one; its items, and its speed when it trained. The output of a failed burst is kept at
+    `keep_log`."""
     dataset, size = planned.dataset, SIZES[(device_type, planned.dataset)]
-    log, label = scratch / f"{dataset}.out", f"{dataset} burst"
+    name = dataset if ranks == 1 else f"{dataset} {ranks}-process"
+    work = scratch if ranks == 1 else scratch / f"{ranks}-process"  # its own data and run folder
+    work.mkdir(exist_ok=True)
+    log, label = work / f"{dataset}.out", f"{name} burst"
     try:
-        data = _burst_data(dataset, size, device_type, real_root, scratch, log)
+        data = _burst_data(dataset, size, device_type, real_root, work, log)
         if isinstance(data, str):
             return [_failed(label, data, log, keep_log)], None
-        command, iterations, batch = _train_command(planned, size, data, scratch / "results")
-        folder = run_path(scratch / "results", planned.name, planned.spec.seed)
+        results = work / "results"
+        command, iterations, batch = _train_command(planned, size, data, results, ranks)
+        if ranks > 1 and device_type == "cpu":
+            # no loader processes: a gloo rank forking one can deadlock in CPython 3.11's fork (a lock
+            # held by another thread at the fork), which would hang the check, not test the launch
+            command += ["--set", "data.workers=0"]
+        folder = run_path(results, planned.name, planned.spec.seed)
         problem = _stop_after_first_epoch(command, folder, log)
         if problem:
             return [_failed(label, problem, log, keep_log)], None
@@ -111,24 +123,26 @@ def run_burst(planned: PlannedSpec, device_type: str, real_root: Path | None, sc
 
     rows, starts = _rows(folder), json.loads((folder / ENV).read_text())["starts"]
     device = f"{starts[-1]['device']} ({starts[-1]['device_name']})"
+    processes = starts[-1]["world_size"]
     switches = starts[-1]["switches"]
     described = ", ".join([switches["precision"]] + [k for k, v in switches.items() if v is True])
     items = [(ok if data.real else note)("training", label, f"{planned.name} on {data.description}: {iterations} "
-                                                            f"iterations of {batch} images on {device}, switches: "
+                                                            f"iterations of {batch} images on {device} in {processes} "
+                                                            f"process{'es' * (processes > 1)}, switches: "
                                                             f"{described}")]
-    items.append(_loss(dataset, [float(row["train_loss"]) for row in rows]))
+    items.append(_loss(name, [float(row["train_loss"]) for row in rows]))
     # A rerun that started over would write epoch 1's row anew, with another epoch_seconds.
     if len(starts) == 2 and rows[0] == first_row and int(rows[-1]["iteration"]) == iterations:
-        items.append(ok("training", f"{dataset} resume", f"SIGTERM in epoch 2: exit code {EXIT_PREEMPTED} with a "
-                                                         f"checkpoint; the rerun resumed it and finished"))
+        items.append(ok("training", f"{name} resume", f"SIGTERM in epoch 2: exit code {EXIT_PREEMPTED} with a "
+                                                      f"checkpoint; the rerun resumed it and finished"))
     else:
-        items.append(_failed(f"{dataset} resume", f"the rerun did not continue the stopped run: {len(starts)} starts "
+        items.append(_failed(f"{name} resume", f"the rerun did not continue the stopped run: {len(starts)} starts "
                                                   f"in {ENV}, epoch 1's row {'kept' if rows[0] == first_row else 'new'}"
                                                   f", the last at iteration {rows[-1]['iteration']} of {iterations}",
                              log, keep_log))
     speed = float(rows[-1]["images_per_second"])
-    items.append(ok("training", f"{dataset} speed", f"{speed:,.1f} images/s in the last epoch "
-                                                    f"({batch / speed:.3g} s per iteration of {batch})"))
+    items.append(ok("training", f"{name} speed", f"{speed:,.1f} images/s in the last epoch "
+                                                 f"({batch / speed:.3g} s per iteration of {batch})"))
     return items, Speed(planned.name, network_size(planned.spec.model).multiply_adds, speed, device)
 
 
@@ -168,9 +182,10 @@ def _imagenet_sample(root: Path, out: Path, sizes: dict[str, int]) -> Path:
     return out
 
 
-def _train_command(planned: PlannedSpec, size: BurstSize, data: BurstData,
-                   results: Path) -> tuple[list[str], int, int]:
-    """`repro train` of the burst, its iterations and its batch size."""
+def _train_command(planned: PlannedSpec, size: BurstSize, data: BurstData, results: Path,
+                   ranks: int) -> tuple[list[str], int, int]:
+    """`repro train` of the burst (through the launcher for several ranks), its iterations and its
+    batch size."""
     optim = planned.spec.optim
     batch = size.batch_size or optim.batch_size
     iterations = EPOCHS * (data.train_images // batch)
@@ -183,7 +198,8 @@ def _train_command(planned: PlannedSpec, size: BurstSize, data: BurstData,
     if optim.lr_schedule == "milestones":
         milestones = sorted({max(1, m * iterations // optim.max_iters) for m in optim.lr_milestones})
         sets.append(f"optim.lr_milestones={milestones}")
-    command = REPRO + ["train", str(planned.path), "--data", str(data.folder), "--results", str(results),
+    start = REPRO if ranks == 1 else [PYTHON, "-m", "repro.suite.launch", "--nproc-per-node", str(ranks), "--"]
+    command = start + ["train", str(planned.path), "--data", str(data.folder), "--results", str(results),
                        *(a for s in sets for a in ("--set", s))]
     return command, iterations, batch
 

@@ -2,7 +2,7 @@
 on its GPUs.
 
 The CIFAR-10 runs share a pool of slots (CPU threads, or a GPU each), the ImageNet runs follow one at
-a time (torchrun over every GPU), then the reports. A failed run does not stop the others; the
+a time (one process per GPU, through repro/suite/launch.py), then the reports. A failed run does not stop the others; the
 summary at the end names each failure with its output file.
 """
 from __future__ import annotations
@@ -103,7 +103,8 @@ class Outcome:
 
 class LocalPool:
     """Runs jobs as child processes, one per free slot, in order. SIGINT or SIGTERM stops everything:
-    the trainers get SIGTERM, save a checkpoint and exit with 75; the jobs not started stay so."""
+    the trainers get SIGTERM (an ImageNet run's launcher passes it on to every rank), save a checkpoint
+    and exit with 75, however long that takes; the jobs not started stay so."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -175,7 +176,7 @@ def local_gpus(requested: list[int] | None) -> list[int]:
 def local_stages(plan: Plan, gpus: list[int], per_gpu: int) -> list[Stage]:
     """The CIFAR-10 runs in a pool, then the ImageNet runs one at a time, then the reports. Without
     `gpus` (--smoke) each run gets cores/parallel CPU threads; with them each CIFAR run gets one GPU
-    and each ImageNet run all of them, through torchrun."""
+    and each ImageNet run all of them, one process per GPU through our launcher."""
     cores = usable_cores()
     if not gpus:
         parallel = min(cores, SMOKE_MAX_PARALLEL)
@@ -191,9 +192,8 @@ def local_stages(plan: Plan, gpus: list[int], per_gpu: int) -> list[Stage]:
                        for _ in range(per_gpu) for g in gpus]
         cifar_where = f"{per_gpu} per GPU on GPUs {gpu_list}"
         imagenet_slot = {"CUDA_VISIBLE_DEVICES": gpu_list}
-        imagenet_launch = [PYTHON, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", str(len(gpus)), "-m", "repro"]
-        imagenet_where = f"one at a time, torchrun over GPUs {gpu_list}"
+        imagenet_launch = [PYTHON, "-m", "repro.suite.launch", "--nproc-per-node", str(len(gpus)), "--"]
+        imagenet_where = f"one at a time, one process on each of GPUs {gpu_list}"
     cifar = [Job(run.label, REPRO + plan.train_arguments(run), run.log, run) for run in plan.pending("cifar10")]
     imagenet = [Job(run.label, imagenet_launch + plan.train_arguments(run), run.log, run)
                 for run in plan.pending("imagenet")]

@@ -2,10 +2,13 @@
 <results>/slurm/.
 
 Each dataset's unfinished runs form one job array whose task i trains line i+1 of a runs list: a
-CIFAR-10 run on one GPU, an ImageNet run on `--nodes` x `--gpus-per-node` GPUs through torchrun.
-Every job may be requeued: Slurm sends the batch shell SIGUSR1 120 s before the time limit; the shell
-passes SIGTERM on to the trainer, which saves a checkpoint and exits with 75, and the shell requeues
-the job, whose next start resumes the run. A report job waits for all of them (afterany).
+CIFAR-10 run on one GPU, an ImageNet run on `--nodes` x `--gpus-per-node` GPUs, one srun task per GPU
+(no torchrun: each trainer takes its rank from SLURM_PROCID, SLURM_LOCALID and SLURM_NTASKS).
+Every job may be requeued: Slurm sends the batch shell SIGUSR1 120 s before the time limit, and the
+shell passes SIGUSR1 on to the trainer or to srun, which hands it to every task unchanged (srun answers
+SIGTERM by killing its tasks); `scancel --signal=USR1 <job>` signals the trainers themselves. Each
+trainer saves a checkpoint at its next step and exits with 75, and the shell requeues the job, whose
+next start resumes the run. A report job waits for all of them (afterany).
 The scripts stand alone: `sbatch <results>/slurm/cifar10_array.sh` submits one again.
 
 Every value written into a script or runs list is one line (a newline would end an #SBATCH line, and
@@ -102,8 +105,9 @@ def sbatch_arg(argument: str) -> str:
 class Resources:
     gpus_per_node: int
     nodes: int
-    cpus: int  # per CIFAR run, and per GPU (or per node without GPUs) of an ImageNet job
+    cpus: int  # per CIFAR run, and per rank of an ImageNet job
     common: list[str]  # options every job gets: partition, account, qos, time, mem, --sbatch-arg
+    ranks_per_node: int = 1  # an ImageNet job's srun tasks per node: one per GPU, one without GPUs
 
     @classmethod
     def from_options(cls, options: argparse.Namespace) -> "Resources":
@@ -113,7 +117,7 @@ class Resources:
                    for argument in options.sbatch_arg]
         gpus = options.gpus_per_node if options.gpus_per_node is not None else 0 if options.smoke else GPUS_PER_NODE
         cpus = options.cpus_per_task or (1 if options.smoke else CPUS_PER_GPU)
-        return cls(gpus, options.nodes or 1, cpus, common)
+        return cls(gpus, options.nodes or 1, cpus, common, max(gpus, 1))
 
 
 @dataclass(frozen=True)
@@ -137,21 +141,24 @@ def array_script(array: Array, plan: Plan, resources: Resources) -> str:
     imagenet = array.dataset == "imagenet"
     gpus = resources.gpus_per_node if imagenet else min(resources.gpus_per_node, 1)
     directives = [f"--job-name={array.job_name}", f"--array=0-{len(array.runs) - 1}",
-                  f"--nodes={resources.nodes if imagenet else 1}", "--ntasks-per-node=1",
-                  f"--cpus-per-task={resources.cpus * max(gpus, 1) if imagenet else resources.cpus}",
+                  f"--nodes={resources.nodes if imagenet else 1}",
+                  f"--ntasks-per-node={resources.ranks_per_node if imagenet else 1}", f"--cpus-per-task={resources.cpus}",
                   *([f"--gres=gpu:{gpus}"] if gpus else []),
                   "--requeue", f"--signal=B:USR1@{SIGNAL_LEAD_S}", "--open-mode=append",
                   f"--output={output_pattern(plan, '%x_%A_%a.out')}", *resources.common]
     python = shlex.quote(PYTHON)
     if imagenet:
         launcher = f"""\
-# One torchrun per node; the rendezvous is on the first node, on a port of this job's own.
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-PORT=$((29500 + SLURM_JOB_ID % 1000))
-TRAIN=(srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1
-       {python} -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc-per-node {max(gpus, 1)}
-       --rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "$SLURM_JOB_ID"
-       -m repro "${{ARGS[@]}}")"""
+# One srun task per GPU, each a trainer that reads its rank in the variables torchrun would set; the
+# rendezvous is on the job's first node, on a port of this job's own. A task that ends does not kill
+# the others (exit 75 is a stop: the others may still be saving); after {SIGNAL_LEAD_S} s they are killed.
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=$((29500 + SLURM_JOB_ID % 1000))
+export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
+PASS_ON=USR1  # srun answers SIGTERM by killing its tasks, and hands SIGUSR1 on to them unchanged
+TRAIN=(srun --kill-on-bad-exit=0 --wait={SIGNAL_LEAD_S} --cpus-per-task="$SLURM_CPUS_PER_TASK"{f" --gres=gpu:{gpus}" if gpus else ""}
+       bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank
+       {python} -m repro "${{ARGS[@]}}")"""
     else:
         launcher = f"""\
 export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
@@ -187,18 +194,27 @@ def runs_list(runs: list[Run], plan: Plan) -> str:
                              for field in [str(run.log), *plan.train_arguments(run)]) + "\n" for run in runs)
 
 
-# Runs "${TRAIN[@]}" in the background, so that the shell can take signals while it waits.
+# Runs "${TRAIN[@]}" in the background, so that the shell can take signals while it waits. A signal
+# is passed on as it came, or as $PASS_ON where set; one that comes before the trainer starts is
+# passed on once it has.
 TRAINER_BODY = """\
 mkdir -p "$(dirname "$LOG")"
 RUN="$(basename "$(dirname "$LOG")") $(basename "$LOG" .out)"
 say() { echo "$(date '+%F %T.%3N') job $SLURM_JOB_ID, $RUN: $*" | tee -a "$LOG"; }
+SIGNAL= TRAINER=
+stop() {  # the trainer checkpoints and exits with 75
+    SIGNAL=$1
+    if [ -n "$TRAINER" ]; then
+        say "SIG$1: passed on SIG${PASS_ON:-$1} to the trainer"
+        kill -"${PASS_ON:-$1}" "$TRAINER" 2>/dev/null
+    fi
+}
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
 say "start $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname): ${TRAIN[*]}"
 "${TRAIN[@]}" >>"$LOG" 2>&1 &
 TRAINER=$!
-SIGNAL=
-stop() { SIGNAL=$1; kill -TERM "$TRAINER" 2>/dev/null; }  # the trainer checkpoints and exits with 75
-trap 'stop USR1' USR1
-trap 'stop TERM' TERM
+if [ -n "$SIGNAL" ]; then stop "$SIGNAL"; fi
 while kill -0 "$TRAINER" 2>/dev/null; do wait "$TRAINER"; done  # a signal interrupts `wait`
 wait "$TRAINER"; STATUS=$?
 say "end: exit code $STATUS${SIGNAL:+ after SIG$SIGNAL}"
