@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from repro.arguments import at_least, device, existing_folder, output_folder, path, seed
 from repro.contract import EXIT_USAGE
 from repro.errors import ReproError
 
@@ -38,13 +39,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # `repro make-data`: the size options of each dataset, with their defaults
 MAKE_DATA_SIZES = {"cifar10": {"train": 50_000, "test": 10_000}, "imagenet": {"classes": 10, "train": 100, "val": 20}}
-
-
-def _count(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 def _clear_make_data_target(dataset: str, out: Path, force: bool) -> None:
@@ -124,14 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = commands.add_parser("complexity", help="write the params/FLOPs table (CSV, Markdown, LaTeX)")
-    p.add_argument("--out", default="results/tables", help="output folder (default: results/tables)")
+    p.add_argument("--out", type=output_folder, default="results/tables",
+                   help="output folder (default: results/tables)")
     p.set_defaults(func=cmd_complexity)
 
     p = commands.add_parser("train", help="train one run of a spec (resumes an unfinished one)")
     p.add_argument("spec", help="experiment spec (YAML)")
-    p.add_argument("--seed", type=int, help="seed (overrides the spec's); the run folder is seed<K>")
+    p.add_argument("--seed", type=seed, help="seed (overrides the spec's); the run folder is seed<K>")
     p.add_argument("--data", help="dataset folder (default: the spec's data.root, then $REPRO_DATA)")
-    p.add_argument("--results", default="results", help="results folder (default: results)")
+    p.add_argument("--results", type=output_folder, default="results", help="results folder (default: results)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key, e.g. --set optim.lr=0.05 (repeatable)")
     p.add_argument("--restart", action="store_true",
@@ -140,12 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("make-data", help="write a generated dataset in the real on-disk format")
     p.add_argument("dataset", choices=("cifar10", "imagenet"))
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=_count, help="training images (cifar10: 50000; imagenet: per class, 100)")
-    p.add_argument("--test", type=_count, help="cifar10 test images (default 10000)")
-    p.add_argument("--val", type=_count, help="imagenet validation images per class (default 20)")
-    p.add_argument("--classes", type=_count, help="imagenet classes (default 10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=output_folder, required=True, help="output folder")
+    p.add_argument("--train", type=at_least(1), help="training images (cifar10: 50000; imagenet: per class, 100)")
+    p.add_argument("--test", type=at_least(1), help="cifar10 test images (default 10000)")
+    p.add_argument("--val", type=at_least(1), help="imagenet validation images per class (default 20)")
+    p.add_argument("--classes", type=at_least(1), help="imagenet classes (default 10)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--force", action="store_true",
                    help="replace an existing dataset there (its files are deleted first)")
     p.set_defaults(func=cmd_make_data)
@@ -156,31 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar: the specs to time (default: ResNet-20, -56 and -110)")
     p.add_argument("--switches", nargs="+", metavar="NAME",
                    help="cifar: only these candidates besides eager_fp32 (default: all that apply here)")
-    p.add_argument("--batch-size", type=int, default=128, help="cifar: images per iteration (default 128)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data", help="imagenet-data: an ImageNet root (default: a generated stand-in)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="imagenet-data: worker counts")
-    p.add_argument("--steps", type=int, default=20,
+    p.add_argument("--batch-size", type=at_least(1), default=128, help="cifar: images per iteration (default 128)")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--data", type=existing_folder,
+                   help="imagenet-data: an ImageNet root (default: a generated stand-in)")
+    p.add_argument("--workers", type=at_least(0), nargs="+", default=[1, 2], help="imagenet-data: worker counts")
+    p.add_argument("--steps", type=at_least(1), default=20,
                    help="iterations per timed round (cifar) or timed batches (imagenet-data)")
-    p.add_argument("--warmup", type=int, default=5, help="cifar: untimed iterations first (compilation)")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--warmup", type=at_least(0), default=5, help="cifar: untimed iterations first (compilation)")
+    p.add_argument("--rounds", type=at_least(1), default=5,
                    help="interleaved rounds of the candidates (cifar) or paths (imagenet-data); the median counts")
-    p.add_argument("--out", default="results/bench")
+    p.add_argument("--out", type=output_folder, default="results/bench")
     p.set_defaults(func=cmd_bench)
 
     p = commands.add_parser("report", help="figures, tables and REPORT.md from the run folders (never trains)")
-    p.add_argument("--results", default="results", help="results folder holding runs/ (default: results)")
+    p.add_argument("--results", type=path, default="results", help="results folder holding runs/ (default: results)")
     p.add_argument("--suite", default="experiments/suite.yaml", help="which runs feed which figure/table")
-    p.add_argument("--out", help="output folder (default: the results folder)")
+    p.add_argument("--out", type=output_folder, help="output folder (default: the results folder)")
     p.add_argument("--smoke", action="store_true", help="expect the smoke suite's seed counts")
     p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("responses", help="Fig. 7: std of each 3x3 layer's response, from final checkpoints")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", type=path, default="results")
     p.add_argument("--suite", default="experiments/suite.yaml")
     p.add_argument("--data", help="CIFAR-10 folder (default: each run's data.root, then $REPRO_DATA)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--out", help="output folder (default: the results folder)")
+    p.add_argument("--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--out", type=output_folder, help="output folder (default: the results folder)")
     p.set_defaults(func=cmd_responses)
 
     from repro.suite.run_all import add_arguments as add_run_all_arguments, run_all

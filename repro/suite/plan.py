@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from repro.arguments import at_least, output_folder  # at_least: also the backends' parsers
 from repro.contract import CHECKPOINTS, DATA_ENV, FINAL, data_root, run_path
 from repro.errors import DataError, ReproError, SpecError
 
@@ -127,18 +128,6 @@ def spec_index(experiments: Path) -> dict[str, Path]:
 
 # --- the options that choose the runs --------------------------------------------------------------
 
-def at_least(minimum: int):
-    """An argparse type: an integer of at least `minimum`."""
-    def count(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    count.__name__ = "integer"  # argparse's message: "invalid integer value: 'x'"
-    return count
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("what to run")
     group.add_argument("--dry-run", action="store_true", help="print what would run where, and write nothing")
@@ -149,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seeds", type=at_least(1), metavar="N",
                        help="seeds 0..N-1 of every spec (default: the suite file's count per dataset)")
     group.add_argument("--suite", default="experiments/suite.yaml", help="suite file (default: %(default)s)")
-    group.add_argument("--results", help="results folder (default: results; with --smoke, results/smoke)")
+    group.add_argument("--results", type=output_folder, help="results folder (default: results; with --smoke, results/smoke)")
     group.add_argument("--data-cifar", metavar="DIR",
                        help=f"the folder holding cifar-10-batches-py (default: ${DATA_ENV}; --smoke: generated)")
     group.add_argument("--data-imagenet", metavar="DIR",
