@@ -488,17 +488,19 @@ def _exclusive(folder: RunFolder, processes: Processes, device: torch.device):
 def _resume(trainer: Trainer, folder: RunFolder, processes: Processes) -> bool:
     """Load the newest readable checkpoint (the main process first: it moves damaged files aside)
     after checking its recipe; False for a fresh start. Results without a checkpoint are an error."""
+    def use(state: dict) -> None:  # a checkpoint that fails to load is damaged; one of another recipe is refused
+        refuse_other_recipe(state["config"], trainer.spec, folder.checkpoints)  # even without config.yaml
+        trainer.load_state_dict(state)
+
     state = None
     for turn in (True, False):  # the main process, then the others
         if processes.is_main == turn:
-            state = load_checkpoint(folder.checkpoints, map_location=trainer.device, move_damaged=turn)
+            state = load_checkpoint(folder.checkpoints, map_location=trainer.device, move_damaged=turn, use=use)
         processes.barrier()
     if state is None:
         if processes.is_main:
             folder.refuse_results_without_checkpoint()
         return False
-    refuse_other_recipe(state["config"], trainer.spec, folder.checkpoints)  # even without config.yaml
-    trainer.load_state_dict(state)
     if processes.is_main:
         folder.write_metrics(trainer.state.rows, trainer.columns)  # drop rows written after the checkpoint
     return True
