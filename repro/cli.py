@@ -54,9 +54,9 @@ def _clear_make_data_target(dataset: str, out: Path, force: bool) -> None:
         if not force:
             raise ReproError(f"{target} already exists and is not empty (it may hold a real dataset); choose "
                              "another --out, or pass --force to replace it")
-        if target.is_dir():
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-        else:
+        else:  # a file, or a link: the link goes, never the files it points to
             target.unlink()
 
 
@@ -110,8 +110,18 @@ def cmd_responses(args: argparse.Namespace) -> None:
     print(compute_responses(args.results, args.suite, args.data, out_dir=args.out, device=args.device))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, refusing on one line without the usage block, as every other bad input is refused."""
+
+    def error(self, message: str) -> None:
+        message = " ".join(message.split())
+        if len(message) > 240:  # argparse quotes the value: a 1 MB one stays a short line
+            message = message[:220] + "... (cut)"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repro", description=__doc__)
+    parser = _Parser(prog="repro", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("models", help="list the registered networks with their parameter counts")

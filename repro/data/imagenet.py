@@ -158,6 +158,7 @@ class Unreadable:
     """Stands in a batch for a sample whose file no decoder reads."""
     path: str
     reason: str
+    key: tuple[int, int] | None = None  # (epoch, index): where a training batch with no readable sample refills
 
 
 class UnreadableImageWarning(UserWarning):
@@ -375,8 +376,9 @@ class ImageNetSamples(Dataset):
     crops alone on the [0, 1] scale, without colour noise (for the mean image).
 
     A file that no decoder reads stops nothing. `collate` leaves it out of the batch, or, with
-    keep_batch_size (training), fills its slot with the batch's next readable sample, so that every
-    batch keeps its size: DDP ranks stay in step and a resumed run counts the same iterations.
+    keep_batch_size (training), fills its slot with the batch's next readable sample (or, when none
+    of the batch is readable, the folder's next readable image), so that every batch keeps its size:
+    DDP ranks stay in step and a resumed run counts the same iterations.
     ImageNetLoader reports and counts it."""
 
     def __init__(self, folder: ImageFolder, plan: Callable[[int, int, int], Plan], mean: torch.Tensor | None,
@@ -417,20 +419,32 @@ class ImageNetSamples(Dataset):
             data, header, plan = self._read(path, key)
             crops = resample(decode(data, header, plan.resized), plan)
         except UnreadableImage as error:
-            return Unreadable(path, str(error)), target
+            return Unreadable(path, str(error), key), target
         return Cropped(crops[0] if len(plan.crops) == 1 else crops, plan.alpha), target
 
     def collate(self, samples: list) -> tuple:
         """(crops, lighting weights [B, 3] or None, targets, ((path, reason), ...) of the unreadable
         files); see the class's doc."""
-        slots = batch_slots([isinstance(item, Unreadable) for item, _ in samples], self.keep_batch_size)
         unreadable = tuple((item.path, item.reason) for item, _ in samples if isinstance(item, Unreadable))
+        if self.keep_batch_size and samples and len(unreadable) == len(samples):
+            samples = [self.next_readable(samples[-1][0].key)] * len(samples)
+        slots = batch_slots([isinstance(item, Unreadable) for item, _ in samples], self.keep_batch_size)
         items, targets = [samples[i][0] for i in slots], torch.tensor([samples[i][1] for i in slots])
         if not items:
             return torch.empty(0, dtype=torch.uint8), None, targets, unreadable
         alphas = torch.tensor([item.alpha for item in items]) if items[0].alpha is not None else None
         # default_collate stacks straight into shared memory in a worker, sparing a copy on the way out
         return default_collate([item.crops for item in items]), alphas, targets, unreadable
+
+    def next_readable(self, key: tuple[int, int]) -> tuple:
+        """The first readable sample after `key` in index order (the same epoch, its own draws), for a
+        training batch with no readable sample; an unreadable one when no image of the folder is."""
+        epoch, index = key
+        for step in range(1, len(self)):
+            sample = self[(epoch, (index + step) % len(self))]
+            if not isinstance(sample[0], Unreadable):
+                return sample
+        return self[key]
 
     def finish_batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """(images, targets, unreadable) on the device, from a batch of `collate`."""
