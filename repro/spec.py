@@ -101,9 +101,9 @@ class DataSpec(_Section):
     download: bool = False  # CIFAR-10: fetch through torchvision when missing (needs network)
     validation_split: bool = False  # CIFAR-10: train on 45k, test on the 5k held out (Sec. 4.2)
     workers: int = Field(8, ge=0)  # ImageNet: data-loader processes per training process; 0: in the process
-    mean_sample_size: int = 10_000  # ImageNet: training crops averaged for the per-pixel mean
+    mean_sample_size: int = Field(10_000, ge=1)  # ImageNet: training crops averaged for the per-pixel mean
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # ImageNet: decode+augment in CPU workers or on the GPU; auto: cpu
-    eval_batch_size: int = 500  # images per evaluation step; does not change any result
+    eval_batch_size: int = Field(500, ge=1)  # images per evaluation step; does not change any result
 
 
 class OptimSpec(_Section):
@@ -116,10 +116,10 @@ class OptimSpec(_Section):
     lr_schedule: Literal["milestones", "plateau"] = "milestones"
     lr_milestones: list[int] = list(CIFAR_LR_MILESTONES)  # iterations where lr is divided (Sec. 4.2)
     lr_factor: float = 0.1  # "divided by 10" (Sec. 3.4, 4.2)
-    plateau_patience: int = 5  # ImageNet: epochs without improvement of the val error before a drop
-    plateau_threshold: float = 0.1  # ImageNet: an improvement smaller than this (percentage points) is none
+    plateau_patience: int = Field(5, ge=1)  # ImageNet: epochs without improvement of the val error before a drop
+    plateau_threshold: float = Field(0.1, ge=0)  # ImageNet: an improvement below this (percentage points) is none
     warmup_lr: Optional[float] = None  # ResNet-110/1202: 0.01 until training error < 80% (Sec. 4.2)
-    warmup_until_train_error: float = 80.0  # percent; then lr goes back to `lr` and the schedule
+    warmup_until_train_error: float = Field(80.0, ge=0, le=100)  # percent; then lr goes back to `lr` and the schedule
     warmup_window: int = 50  # iterations whose running training error decides the warm-up's end
     # Our choice: the paper's warm-up took about 400 iterations; one still running at this cap ends
     # here, logged and recorded in final.json, instead of training at warmup_lr all along.
@@ -134,7 +134,8 @@ class OptimSpec(_Section):
         if not 0 < self.lr_factor < 1:
             raise ValueError(f"lr_factor must lie in (0, 1), got {self.lr_factor}")
         if self.lr_milestones != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
-            raise ValueError(f"lr_milestones must be strictly increasing positive iterations, got {shown(self.lr_milestones)}")
+            raise ValueError("lr_milestones must be strictly increasing positive iterations, got "
+                             f"{shown(self.lr_milestones)}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov: Nesterov momentum needs a momentum above 0")
         if self.warmup_window < 1 or self.warmup_max_iters < 1:
@@ -376,6 +377,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
     late = [m for m in spec.optim.lr_milestones if m >= spec.optim.max_iters]
     if spec.optim.lr_schedule == "milestones" and late:
         where = "--set" if (overrides or {}).get("optim", {}).keys() & {"max_iters", "lr_milestones"} else path
-        raise SpecError(f"{where}: optim.lr_milestones: {shown(late)} lie at or beyond optim.max_iters {spec.optim.max_iters}, "
-                        "where they would never divide the lr; give a shorter run earlier milestones, or [] for none")
+        raise SpecError(f"{where}: optim.lr_milestones: {shown(late)} lie at or beyond optim.max_iters "
+                        f"{spec.optim.max_iters}, where they would never divide the lr; give a shorter run earlier "
+                        "milestones, or [] for none")
     return spec

@@ -10,7 +10,8 @@ from repro.reuse import PROTOCOLS, STRATEGIES
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=path, metavar="RUN_FOLDER", help="a finished run folder (RESULTS/runs/<name>/seed<K>)")
+    parser.add_argument("run", type=path, metavar="RUN_FOLDER",
+                        help="a finished run folder (RESULTS/runs/<name>/seed<K>)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="ten_crop",
                         help="center crop, the 10-crop test of Tables 2-3, or Table 4's multi-scale test of "
                              "Sec. 3.4 (default ten_crop)")

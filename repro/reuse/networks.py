@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -181,7 +182,9 @@ def read_torchvision(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     is downloaded."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols on the way to refusing a file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ReproError(f"{path} is not a readable weights file: {load_problem(error)}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # torchvision's reference checkpoints

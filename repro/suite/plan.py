@@ -139,7 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seeds", type=at_least(1), metavar="N",
                        help="seeds 0..N-1 of every spec (default: the suite file's count per dataset)")
     group.add_argument("--suite", default="experiments/suite.yaml", help="suite file (default: %(default)s)")
-    group.add_argument("--results", type=output_folder, help="results folder (default: results; with --smoke, results/smoke)")
+    group.add_argument("--results", type=output_folder,
+                       help="results folder (default: results; with --smoke, results/smoke)")
     group.add_argument("--data-cifar", metavar="DIR",
                        help=f"the folder holding cifar-10-batches-py (default: ${DATA_ENV}; --smoke: generated)")
     group.add_argument("--data-imagenet", metavar="DIR",
