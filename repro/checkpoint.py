@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from repro.arguments import shown
-from repro.contract import CHECKPOINTS, CONFIG, DAMAGED, LATEST, PREVIOUS, atomic_write
+from repro.contract import CHECKPOINTS, CONFIG, DAMAGED, IMAGENET_METRIC_COLUMNS, LATEST, PREVIOUS, atomic_write
 from repro.errors import ReproError
 
 REQUIRED_KEYS = ("model", "optimizer", "schedule", "iteration", "epoch", "batch", "rows", "rng", "config")
@@ -102,7 +102,10 @@ def structure_problem(state: Any) -> str | None:
                      and all(isinstance(group, dict) for group in optimizer["param_groups"]),
         "schedule": isinstance(state["schedule"], dict),
         "iteration": _whole(state["iteration"]), "epoch": _whole(state["epoch"]), "batch": _whole(state["batch"]),
-        "rows": isinstance(state["rows"], list) and all(isinstance(row, dict) for row in state["rows"]),
+        "rows": isinstance(state["rows"], list) and all(
+            isinstance(row, dict) and "test_error" in row and set(row) <= set(IMAGENET_METRIC_COLUMNS)
+            and all(value is None or _number(value) for value in row.values()) for row in state["rows"]),
+        "lr": _number(state.get("lr", 0.0)),  # older checkpoints lack it
         "rng": isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
                and isinstance(rng.get("python"), (tuple, list)) and len(rng["python"]) == 3
                and isinstance(rng.get("numpy"), dict),

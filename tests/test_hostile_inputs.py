@@ -192,9 +192,10 @@ def good_state(iteration: int = 3) -> dict:
 
 
 @pytest.mark.parametrize("change", [{"model": {}}, {"model": 7}, {"iteration": "abc"}, {"iteration": -5},
-                                    {"rng": {}}, {"rows": "x"}, {"optimizer": {}}, "ALL_ZERO", "A_LIST"],
+                                    {"rng": {}}, {"rows": "x"}, {"rows": [{"test_error": 1, "bogus": 2}]},
+                                    {"lr": "0.1"}, {"optimizer": {}}, "ALL_ZERO", "A_LIST"],
                          ids=["model_empty", "model_int", "iteration_text", "iteration_negative", "rng_empty",
-                              "rows_text", "optimizer_empty", "all_zero", "a_list"])
+                              "rows_text", "rows_other_column", "lr_text", "optimizer_empty", "all_zero", "a_list"])
 def test_a_malformed_latest_checkpoint_is_damaged_and_the_previous_one_used(tmp_path, change):
     folder = tmp_path / CHECKPOINTS
     folder.mkdir()

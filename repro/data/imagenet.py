@@ -73,15 +73,10 @@ DECODE_CHOICES = ("auto", "cpu", "gpu")
 
 CACHE_DIR_NAME = ".repro-cache"  # inside the ImageNet root, beside train/ and val/
 MEAN_FILE = "mean_image.pt"
-GET_IMAGENET = (
-    "Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org/download "
-    "(free registration), extract the training tar into one folder per class (wnid), put the "
-    "validation images into the same class folders, and pass the folder that holds train/ and val/.")
-SORT_VAL = (
-    "Sort them into class folders: run the widely used valprep.sh "
-    "(https://raw.githubusercontent.com/soumith/imagenetloader.torch/master/valprep.sh) inside val/, "
-    "or move each image into the folder of its wnid using ILSVRC2012_validation_ground_truth.txt and "
-    "meta.mat from the ILSVRC2012 devkit.")
+# Short: an error is one line. README.md's "Getting the data" says the rest.
+GET_IMAGENET = ("Get ILSVRC2012 from https://image-net.org/download, one folder per class (wnid) in train/ and "
+                "val/ (README.md, 'Getting the data').")
+SORT_VAL = "Sort them into class folders (the devkit's ground truth, or valprep.sh; README.md, 'Getting the data')."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,9 +90,7 @@ def _is_image(name: str) -> bool:
 def _class_folders(split_dir: Path, split: str) -> list[str]:
     """The class folders of one split, after checking that each holds at least one image."""
     if not split_dir.is_dir():
-        raise DataError(f"ImageNet {split} folder not found: {split_dir}. Expected the layout "
-                        f"{split_dir.parent}/train/<wnid>/*.JPEG and {split_dir.parent}/val/<wnid>/*.JPEG. "
-                        + GET_IMAGENET)
+        raise DataError(f"ImageNet {split} folder not found: {split_dir}. " + GET_IMAGENET)
     entries = list(os.scandir(split_dir))
     loose_images = [e.name for e in entries if e.is_file() and _is_image(e.name)]
     if loose_images:
