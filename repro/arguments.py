@@ -11,6 +11,10 @@ from pathlib import Path
 
 # The largest seed: numpy's generators and many others take 32-bit seeds; torch takes 64 bits.
 MAX_SEED = 2**32 - 1
+# The largest count a command takes: sizes beyond an int32 overflow numpy and torch.
+MAX_COUNT = 2**31 - 1
+MAX_WORKERS = 256  # data-loader processes: more than any machine has cores
+MAX_IMAGES = 1_000_000  # `repro make-data` and `bench` sizes: a million CIFAR images are 3 GB in memory
 # How a device is named in a spec (run.device) and on the command line (--device).
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 DEVICES = "auto, cpu, cuda or cuda:N"
@@ -26,18 +30,21 @@ def shown(value: object) -> str:
     return text if len(text) <= SHOWN else f"{text[:SHOWN - 20]}...{text[-12:]} ({len(text):,} characters)"
 
 
-def _whole_number(text: str, minimum: int, maximum: int | None = None) -> int:
-    bound = f"of at least {minimum}" if maximum is None else f"from {minimum} to {maximum:,}"
+def _whole_number(text: str, minimum: int, maximum: int) -> int:
     text = text.strip()
-    if not re.fullmatch(r"[+-]?\d{1,30}", text) or not minimum <= int(text) <= (maximum or int(text)):
-        raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {shown(text)}")
-    return int(text)
+    number = int(text) if re.fullmatch(r"[+-]?\d{1,30}", text) else None
+    if number is None or number < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {shown(text)}")
+    if number > maximum:
+        raise argparse.ArgumentTypeError(f"expected a whole number from {minimum} to {maximum:,}, got {shown(text)}")
+    return number
 
 
-def at_least(minimum: int):
-    """A whole number of at least `minimum` (1 for counts of images, steps, rounds; 0 for workers)."""
+def at_least(minimum: int, maximum: int = MAX_COUNT):
+    """A whole number of at least `minimum` (1 for counts of images, steps, rounds; 0 for workers), and at
+    most `maximum`."""
     def count(text: str) -> int:
-        return _whole_number(text, minimum)
+        return _whole_number(text, minimum, maximum)
 
     count.__name__ = "count"
     return count

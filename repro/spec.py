@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from repro.arguments import DEVICE, DEVICES, MAX_SEED, shown
+from repro.arguments import DEVICE, DEVICES, MAX_SEED, MAX_WORKERS, shown
 from repro.errors import SpecError
 from repro.paper import CIFAR_LR_MILESTONES, CIFAR_MAX_ITERS
 
@@ -100,7 +100,7 @@ class DataSpec(_Section):
     verify_checksums: bool = True  # CIFAR-10: reject copies that differ from the canonical download
     download: bool = False  # CIFAR-10: fetch through torchvision when missing (needs network)
     validation_split: bool = False  # CIFAR-10: train on 45k, test on the 5k held out (Sec. 4.2)
-    workers: int = Field(8, ge=0)  # ImageNet: data-loader processes per training process; 0: in the process
+    workers: int = Field(8, ge=0, le=MAX_WORKERS)  # ImageNet: data-loader processes per training process; 0: in the process
     mean_sample_size: int = Field(10_000, ge=1)  # ImageNet: training crops averaged for the per-pixel mean
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # ImageNet: decode+augment in CPU workers or on the GPU; auto: cpu
     eval_batch_size: int = Field(500, ge=1)  # images per evaluation step; does not change any result

@@ -16,14 +16,16 @@ import torch
 import yaml
 
 from repro import engine
-from repro.checkpoint import load_checkpoint, load_run_model, read_checkpoint, rng_states
+from repro.checkpoint import load_checkpoint, load_run_model, read_checkpoint
 from repro.cli import main
+from repro.distributed import Processes
 from repro.contract import CHECKPOINTS, DAMAGED, EXIT_OK, FINAL, LATEST, PREVIOUS
 from repro.data.generated import write_cifar10, write_imagenet
 from repro.errors import DataError, ReproError
 from repro.reports.runs import DAMAGED as RUN_DAMAGED, IN_PROGRESS, read_run
 from repro.run_folder import RunFolder
-from repro.spec import load_spec, parse_overrides
+from repro.schedule import LearningRate
+from repro.spec import OptimSpec, load_spec, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SPEC = ROOT / "experiments" / "cifar10" / "resnet20.yaml"
@@ -184,18 +186,26 @@ def test_two_suites_making_the_same_data_at_once_both_succeed(tmp_path, monkeypa
 
 # --- Medium 4: checkpoints that torch reads but that are not ours -------------------------------------
 
+def train_state() -> engine.TrainState:
+    """The state a trainer resumes into: a small network, its SGD and schedule."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return engine.TrainState(model, optimizer, LearningRate(OptimSpec()), torch.device("cpu"))
+
+
 def good_state(iteration: int = 3) -> dict:
-    return {"model": {"w": torch.ones(2)}, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
-            "schedule": {}, "iteration": iteration, "epoch": 0, "batch": iteration, "rows": [], "rng": rng_states(),
-            "config": {"name": "x"}, "epoch_sums": [0.0, 0.0, 0.0], "window_sums": [0.0, 0.0],
-            "epoch_train_seconds": 0.0, "wall_seconds": 0.0}
+    state = train_state()
+    state.iteration = state.batch = iteration
+    return {**state.state_dict(Processes()), "config": {"name": "x"}}
 
 
 @pytest.mark.parametrize("change", [{"model": {}}, {"model": 7}, {"iteration": "abc"}, {"iteration": -5},
                                     {"rng": {}}, {"rows": "x"}, {"rows": [{"test_error": 1, "bogus": 2}]},
-                                    {"lr": "0.1"}, {"optimizer": {}}, "ALL_ZERO", "A_LIST"],
+                                    {"lr": "0.1"}, {"optimizer": {}}, {"schedule": {"at": 1}},
+                                    {"epoch_sums": ["x"]}, "ALL_ZERO", "A_LIST"],
                          ids=["model_empty", "model_int", "iteration_text", "iteration_negative", "rng_empty",
-                              "rows_text", "rows_other_column", "lr_text", "optimizer_empty", "all_zero", "a_list"])
+                              "rows_text", "rows_other_column", "lr_text", "optimizer_empty", "schedule_other_key",
+                              "sums_text", "all_zero", "a_list"])
 def test_a_malformed_latest_checkpoint_is_damaged_and_the_previous_one_used(tmp_path, change):
     folder = tmp_path / CHECKPOINTS
     folder.mkdir()
@@ -203,8 +213,9 @@ def test_a_malformed_latest_checkpoint_is_damaged_and_the_previous_one_used(tmp_
     bad = ({key: 0 for key in good_state()} if change == "ALL_ZERO" else [1, 2] if change == "A_LIST"
            else {**good_state(), **change})
     torch.save(bad, folder / LATEST)
-    state = load_checkpoint(folder, move_damaged=True)
-    assert state["iteration"] == 1
+    resumed = train_state()
+    state = load_checkpoint(folder, move_damaged=True, use=lambda state: resumed.load_state_dict(state, True))
+    assert state["iteration"] == 1 and resumed.iteration == 1
     assert [p.name.split("-")[0] for p in (folder / DAMAGED).iterdir()] == ["last"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from repro.arguments import at_least, device, grid_file, output_folder, path, seed
+from repro.arguments import MAX_WORKERS, at_least, device, grid_file, output_folder, path, seed
 from repro.reuse import PROTOCOLS, STRATEGIES
 
 
@@ -17,7 +17,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                              "Sec. 3.4 (default ten_crop)")
     parser.add_argument("--data", help="the data root it trained on (default: its data.root, then $REPRO_DATA)")
     parser.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--workers", type=at_least(0), default=4, help="data-loader processes (default 4)")
+    parser.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=4, help="data-loader processes (default 4)")
     parser.add_argument("--max-batch-pixels", type=at_least(1),
                         help="multi_scale: pixels in one forward pass, which bounds its memory "
                              "(default 8 x 640 x 640)")
