@@ -16,7 +16,7 @@ MAX_COUNT = 2**31 - 1
 MAX_WORKERS = 256  # data-loader processes: more than any machine has cores
 MAX_IMAGES = 1_000_000  # `repro make-data` and `bench` sizes: a million CIFAR images are 3 GB in memory
 # How a device is named in a spec (run.device) and on the command line (--device).
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,4})?")
 DEVICES = "auto, cpu, cuda or cuda:N"
 # The image files `repro predict --grid` writes (matplotlib's savefig, chosen by the suffix).
 GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
@@ -32,7 +32,7 @@ def shown(value: object) -> str:
 
 def _whole_number(text: str, minimum: int, maximum: int) -> int:
     text = text.strip()
-    number = int(text) if re.fullmatch(r"[+-]?\d{1,30}", text) else None
+    number = int(text) if re.fullmatch(r"[+-]?[0-9]{1,30}", text) else None
     if number is None or number < minimum:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {shown(text)}")
     if number > maximum:
