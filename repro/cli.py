@@ -47,8 +47,6 @@ def _clear_make_data_target(dataset: str, out: Path, force: bool) -> None:
     first, so that no file of an older dataset stays behind."""
     from repro.data.cifar import CIFAR_DIRNAME
 
-    if out.exists() and not out.is_dir():
-        raise ReproError(f"--out {out} is a file, not a folder")
     for target in [out / CIFAR_DIRNAME] if dataset == "cifar10" else [out / "train", out / "val"]:
         if not target.exists() or (target.is_dir() and not any(target.iterdir())):
             continue
