@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("make-data", help="write a generated dataset in the real on-disk format")
     p.add_argument("dataset", choices=("cifar10", "imagenet"))
     p.add_argument("--out", type=output_folder, required=True, help="output folder")
-    p.add_argument("--train", type=at_least(1, MAX_IMAGES), help="training images (cifar10: 50000; imagenet: per class, 100)")
+    p.add_argument("--train", type=at_least(1, MAX_IMAGES),
+                   help="training images (cifar10: 50000; imagenet: per class, 100)")
     p.add_argument("--test", type=at_least(1, MAX_IMAGES), help="cifar10 test images (default 10000)")
     p.add_argument("--val", type=at_least(1, MAX_IMAGES), help="imagenet validation images per class (default 20)")
     p.add_argument("--classes", type=at_least(1, 1000), help="imagenet classes (default 10; at most ImageNet's 1000)")
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--data", type=existing_folder,
                    help="imagenet-data: an ImageNet root (default: a generated stand-in)")
-    p.add_argument("--workers", type=at_least(0, MAX_WORKERS), nargs="+", default=[1, 2], help="imagenet-data: worker counts")
+    p.add_argument("--workers", type=at_least(0, MAX_WORKERS), nargs="+", default=[1, 2],
+                   help="imagenet-data: worker counts")
     p.add_argument("--steps", type=at_least(1), default=20,
                    help="iterations per timed round (cifar) or timed batches (imagenet-data)")
     p.add_argument("--warmup", type=at_least(0), default=5, help="cifar: untimed iterations first (compilation)")

@@ -100,7 +100,7 @@ class DataSpec(_Section):
     verify_checksums: bool = True  # CIFAR-10: reject copies that differ from the canonical download
     download: bool = False  # CIFAR-10: fetch through torchvision when missing (needs network)
     validation_split: bool = False  # CIFAR-10: train on 45k, test on the 5k held out (Sec. 4.2)
-    workers: int = Field(8, ge=0, le=MAX_WORKERS)  # ImageNet: data-loader processes per training process; 0: in the process
+    workers: int = Field(8, ge=0, le=MAX_WORKERS)  # ImageNet: data-loader processes per training process
     mean_sample_size: int = Field(10_000, ge=1)  # ImageNet: training crops averaged for the per-pixel mean
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # ImageNet: decode+augment in CPU workers or on the GPU; auto: cpu
     eval_batch_size: int = Field(500, ge=1)  # images per evaluation step; does not change any result
@@ -213,7 +213,7 @@ class Spec(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        if not name.replace("_", "").replace("-", "").isascii() or not name.replace("_", "").replace("-", "").isalnum():
+        if not name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"must be letters, digits, '_' or '-' (it names the run folder), got {shown(name)}")
         return name
 

@@ -2,11 +2,10 @@
 hang or a silent acceptance, each kept as a test. Most call `repro.cli.main` in this process."""
 from __future__ import annotations
 
-import io
 import json
+import os
 import pickle
 import signal
-import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ from repro import engine
 from repro.checkpoint import load_checkpoint, load_run_model, read_checkpoint
 from repro.cli import main
 from repro.distributed import Processes
-from repro.contract import CHECKPOINTS, DAMAGED, EXIT_OK, FINAL, LATEST, PREVIOUS
+from repro.contract import CHECKPOINTS, DAMAGED, EXIT_OK, FINAL, LATEST, METRIC_COLUMNS, PREVIOUS
 from repro.data.generated import write_cifar10, write_imagenet
 from repro.errors import DataError, ReproError
 from repro.reports.runs import DAMAGED as RUN_DAMAGED, IN_PROGRESS, read_run
@@ -109,7 +108,7 @@ def a_file(tmp_path) -> Path:
 @pytest.mark.parametrize("argv, phrase", [
     (["evaluate", "RUN", "--workers", "-1"], "argument --workers: expected a whole number of at least 0"),
     (["evaluate", "RUN", "--device", "bogus"], "argument --device: expected auto, cpu, cuda or cuda:N"),
-    (["evaluate", "RUN", "--max-batch-pixels", "0"], "argument --max-batch-pixels: expected a whole number of at least 1"),
+    (["evaluate", "RUN", "--max-batch-pixels", "0"], "argument --max-batch-pixels: expected a whole number"),
     (["bench", "imagenet-data", "--workers", "-1"], "argument --workers"),
     (["bench", "cifar", "--device", "bogus"], "argument --device"),
     (["bench", "cifar", "--rounds", "0"], "argument --rounds: expected a whole number of at least 1"),
@@ -137,8 +136,7 @@ def test_bad_arguments_are_refused_by_the_shared_types(tmp_path, capsys, monkeyp
 # --- Medium 2: a run stopped in its first epoch is in progress, not damaged; final.json is checked ---
 
 def test_a_header_only_metrics_csv_is_a_run_in_progress(tmp_path):
-    columns = "epoch,iteration,lr,train_images,partial,train_loss,train_error,test_loss,test_error,epoch_seconds,images_per_second"
-    (tmp_path / "metrics.csv").write_text(columns + "\n")
+    (tmp_path / "metrics.csv").write_text(",".join(METRIC_COLUMNS) + "\n")
     run = read_run(tmp_path, "cifar_resnet20", 0)
     assert run.state == IN_PROGRESS and run.iterations == 0, run.problem
 
