@@ -74,8 +74,8 @@ DECODE_CHOICES = ("auto", "cpu", "gpu")
 CACHE_DIR_NAME = ".repro-cache"  # inside the ImageNet root, beside train/ and val/
 MEAN_FILE = "mean_image.pt"
 # Short: an error is one line. README.md's "Getting the data" says the rest.
-GET_IMAGENET = ("Get ILSVRC2012 from https://image-net.org/download, one folder per class (wnid) in train/ and "
-                "val/ (README.md, 'Getting the data').")
+GET_IMAGENET = ("Expected DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG from ILSVRC2012 "
+                "(https://image-net.org/download; README.md, 'Getting the data').")
 SORT_VAL = "Sort them into class folders (the devkit's ground truth, or valprep.sh; README.md, 'Getting the data')."
 
 
