@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 has_dependencies() {
-    "$1" -c 'import torch, torchvision, torchcodec, pandas, matplotlib, fvcore, yaml, tabulate, jinja2, pytest, repro' 2>/dev/null
+    "$1" -c 'import torch, torchvision, torchcodec, pandas, matplotlib, fvcore, yaml, tabulate, jinja2, pytest, hypothesis, repro' 2>/dev/null
 }
 
 find_python() {

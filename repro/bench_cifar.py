@@ -62,6 +62,9 @@ def bench_cifar(spec_paths: list[str], device: str = "auto", batch_size: int = 1
             for name, switches in named.items():
                 spec = load_spec(path, {"data": {"root": str(data), "verify_checksums": False},
                                         "optim": {"batch_size": batch_size}, "run": {"device": str(device)}})
+                if spec.data.dataset != "cifar10":
+                    raise ReproError(f"--specs: {path} is not a CIFAR spec (it trains on {spec.data.dataset}); "
+                                     "`repro bench imagenet-data` measures ImageNet's data loading")
                 folder = RunFolder(Path(scratch) / spec.name / name)
                 trainers.append((spec.name, name, switches, Trainer(spec, folder, None, Processes(), device, switches)))
 

@@ -34,6 +34,7 @@ from repro.data.generated import write_imagenet
 from repro.data.imagenet import (CROP, IMAGENET_EIGVAL, IMAGENET_EIGVEC, LIGHTING_STD, PREFETCH_BATCHES,
                                  TRAIN_SHORT_SIDE, EpochSampler, ImageNetSamples, check_imagenet_root,
                                  derived_seed, make_loader, train_plan)
+from repro.errors import DataError
 from repro.hardware import cpu_model
 
 # Training images/s one GPU consumes on ResNet-18 at 224x224 (our planning figure for a modern
@@ -173,6 +174,8 @@ def bench_imagenet_data(root: str | Path, workers=(1, 2), batches: int = 20, bat
     memory, as in training."""
     train_dir, _ = check_imagenet_root(root)
     folder = ImageFolder(str(train_dir))
+    if len(folder) < batch_size:  # the sampler drops a partial batch: an epoch would yield nothing, forever
+        raise DataError(f"{train_dir} holds {len(folder)} training images, fewer than one batch of {batch_size}")
     paths = available_paths()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where training batches go
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA batches come asynchronously

@@ -12,15 +12,17 @@ import io
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 
-from repro.contract import CHECKPOINTS, CONFIG, DAMAGED, LATEST, PREVIOUS, atomic_write
+from repro.arguments import shown
+from repro.contract import CHECKPOINTS, CONFIG, DAMAGED, IMAGENET_METRIC_COLUMNS, LATEST, PREVIOUS, atomic_write
 from repro.errors import ReproError
 
 REQUIRED_KEYS = ("model", "optimizer", "schedule", "iteration", "epoch", "batch", "rows", "rng", "config")
@@ -28,6 +30,14 @@ REQUIRED_KEYS = ("model", "optimizer", "schedule", "iteration", "epoch", "batch"
 
 class DamagedRunError(ReproError):
     """A run folder whose results exist but whose checkpoints cannot be read."""
+
+
+class _Unreadable(ReproError):
+    """A checkpoint file that torch cannot read, or that is not shaped as this suite's checkpoints."""
+
+
+class _Unfit(ReproError):
+    """A checkpoint that reads but fails to load into the run's network or optimizer."""
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
@@ -39,46 +49,98 @@ def save_checkpoint(folder: Path, state: dict[str, Any]) -> None:
     atomic_write(folder / LATEST, buffer.getvalue(), durable=True, keep_previous=folder / PREVIOUS)
 
 
+def load_problem(error: Exception) -> str:
+    """Why torch.load refused a file, in a few words: never torch's advice to retry with
+    weights_only=False, which would run whatever code the file holds."""
+    firsts = [line.strip().removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+              for line in str(error).splitlines()]
+    advice = ("weights_only", "Weights only load failed", "file an issue", "Check the documentation", "trust")
+    detail = next((line for line in firsts if line and not any(a in line for a in advice)), "")
+    if "Weights only load failed" in str(error):
+        return (f"it holds more than tensors and plain data ({shown(detail)[1:-1]}); it was refused unread, "
+                "since loading it could run code")
+    return shown(f"{type(error).__name__}: {detail or 'empty or truncated'}")[1:-1]
+
+
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """One checkpoint file, or ReproError saying why it cannot be used."""
+    """One checkpoint file, or ReproError saying why it cannot be used: unreadable, or read but not
+    shaped as this suite writes checkpoints."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols on the way to refusing a file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated, I/O error, or a pickle that is more than data
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        unsafe = [line for line in lines if "unsupported global" in line.lower()]
-        if unsafe:  # torch's own message goes on to suggest weights_only=False: never do that here
-            raise ReproError(f"{path} is unreadable: it holds more than tensors and plain data ({unsafe[0]}); "
-                             "it was refused unread, since loading it could run code") from None
-        reason = lines[0] if lines else type(error).__name__
-        raise ReproError(f"{path} is unreadable ({type(error).__name__}: {reason})") from None
-    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise ReproError(f"{path} is not a checkpoint of this suite (missing {', '.join(missing)})")
+        raise _Unreadable(f"{path} is unreadable: {load_problem(error)}") from None
+    problem = structure_problem(state)
+    if problem:
+        raise _Unreadable(f"{path} is not a checkpoint of this suite ({problem})")
     return state
 
 
-def load_checkpoint(folder: Path, map_location: str | torch.device = "cpu", *,
-                    move_damaged: bool = False) -> dict[str, Any] | None:
-    """The newest readable checkpoint of `folder`, or None when it holds none at all. An unreadable
-    one is reported, moved aside when `move_damaged` (the trainer, which holds the run's lock), and
-    the previous one used; when every checkpoint there is unreadable, DamagedRunError."""
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def structure_problem(state: Any) -> str | None:
+    """What is wrong with the shape of a checkpoint that torch could read (a crafted or foreign file), in
+    what every reader takes from it without another check: None when it has the structure save_checkpoint
+    writes. What only a resume reads (optimizer, schedule, RNG states) is checked by loading it."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a mapping"
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    model = state["model"]
+    checks = {
+        "model": isinstance(model, dict) and bool(model) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()),
+        **{key: isinstance(state[key], dict) for key in ("optimizer", "schedule", "rng", "config")},
+        "iteration": _whole(state["iteration"]), "epoch": _whole(state["epoch"]), "batch": _whole(state["batch"]),
+        "rows": isinstance(state["rows"], list) and all(
+            isinstance(row, dict) and "test_error" in row and set(row) <= set(IMAGENET_METRIC_COLUMNS)
+            and all(value is None or _number(value) for value in row.values()) for row in state["rows"]),
+        "lr": _number(state.get("lr", 0.0)),  # older checkpoints lack it
+    }
+    wrong = [key for key, good in checks.items() if not good]
+    if wrong:
+        return f"{', '.join(wrong)}: not what this suite writes there, e.g. {wrong[0]}={shown(state.get(wrong[0]))}"
+    return None
+
+
+def load_checkpoint(folder: Path, map_location: str | torch.device = "cpu", *, move_damaged: bool = False,
+                    use: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    """The newest readable checkpoint of `folder`, or None when it holds none at all. An unreadable or
+    malformed one, or one that `use` (loading it into a network and optimizer) fails on with anything
+    but a ReproError, is reported, moved aside when `move_damaged` (the trainer, which holds the run's
+    lock), and the previous one tried; when no checkpoint there is usable, DamagedRunError."""
     problems = []
     for name in (LATEST, PREVIOUS):
         path = folder / name
         if not path.exists():
             continue
         try:
-            return read_checkpoint(path, map_location)
-        except ReproError as error:
+            state = read_checkpoint(path, map_location)
+            try:
+                if use is not None:
+                    use(state)
+            except ReproError:  # not damage: a different recipe, say
+                raise
+            except Exception as error:  # a key or shape that fits no network or optimizer of this run
+                raise _Unfit(f"{path} does not fit this run ({shown(f'{type(error).__name__}: {error}')[1:-1]})")
+            return state
+        except (_Unfit, _Unreadable) as error:
             problems.append(str(error))
             moved = _move_aside(path) if move_damaged else None
             print(f"warning: {error}{f'; moved to {moved}' if moved else ''}; trying the previous one",
                   file=sys.stderr)
     if problems:
-        raise DamagedRunError(
-            f"every checkpoint of {folder.parent} is damaged: {'; '.join(problems)}. The damaged files are "
-            f"kept in {folder / DAMAGED}. Rerun with --restart to keep this folder under another name and "
-            "start the run over.")
+        advice = (f" The damaged files are kept in {folder / DAMAGED}. Rerun with --restart to keep this folder "
+                  "under another name and start the run over." if move_damaged else "")
+        raise DamagedRunError(f"every checkpoint of {folder.parent} is damaged: {'; '.join(problems)}.{advice}")
     return None
 
 
@@ -127,13 +189,16 @@ def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> t
         raise ReproError(f"{run_dir} is not a run folder: it has no {CONFIG}")
     try:
         config = yaml.safe_load(config_path.read_text())
-    except yaml.YAMLError as error:
-        raise ReproError(f"{config_path}: not valid YAML ({error})") from None
-    state = load_checkpoint(run_dir / CHECKPOINTS, map_location=device)
-    if state is None:
-        raise ReproError(f"{run_dir} has no checkpoint in {run_dir / CHECKPOINTS}")
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ReproError(f"{config_path}: not valid YAML ({shown(' '.join(str(error).split()))[1:-1]})") from None
+    if not isinstance(config, dict):
+        raise ReproError(f"{config_path}: a run's config is a mapping of keys, got {type(config).__name__}")
     spec = validate(config, str(config_path))
     model = spec.model.build()
-    model.load_state_dict(state["model"])
+    # a checkpoint of another network (a crafted or misplaced file) is damage, like an unreadable one
+    state = load_checkpoint(run_dir / CHECKPOINTS, map_location=device,
+                            use=lambda state: model.load_state_dict(state["model"]))
+    if state is None:
+        raise ReproError(f"{run_dir} has no checkpoint in {run_dir / CHECKPOINTS}")
     apply_chosen_statistics(model, state, spec.eval.bn_stats)
     return model.to(device).eval(), config

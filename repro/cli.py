@@ -6,6 +6,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from repro.arguments import (MAX_IMAGES, MAX_WORKERS, at_least, device, existing_folder, output_folder, path,
+                             seconds, seed)
 from repro.contract import EXIT_USAGE
 from repro.errors import ReproError
 
@@ -40,29 +42,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 MAKE_DATA_SIZES = {"cifar10": {"train": 50_000, "test": 10_000}, "imagenet": {"classes": 10, "train": 100, "val": 20}}
 
 
-def _count(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
-
-
 def _clear_make_data_target(dataset: str, out: Path, force: bool) -> None:
     """Refuse to write over existing files (a real dataset, perhaps) unless `force`, which removes them
     first, so that no file of an older dataset stays behind."""
     from repro.data.cifar import CIFAR_DIRNAME
 
-    if out.exists() and not out.is_dir():
-        raise ReproError(f"--out {out} is a file, not a folder")
     for target in [out / CIFAR_DIRNAME] if dataset == "cifar10" else [out / "train", out / "val"]:
         if not target.exists() or (target.is_dir() and not any(target.iterdir())):
             continue
         if not force:
             raise ReproError(f"{target} already exists and is not empty (it may hold a real dataset); choose "
                              "another --out, or pass --force to replace it")
-        if target.is_dir():
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-        else:
+        else:  # a file, or a link: the link goes, never the files it points to
             target.unlink()
 
 
@@ -122,33 +115,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return run_status_command(args)
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """argparse, refusing on one line without the usage block, as every other bad input is refused."""
+
+    def error(self, message: str) -> None:
+        message = " ".join(message.split())
+        if len(message) > 240:  # argparse quotes the value: a 1 MB one stays a short line
+            message = message[:220] + "... (cut)"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="repro", description=__doc__)
+    parser = _Parser(prog="repro", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("models", help="list the registered networks with their parameter counts")
     p.set_defaults(func=cmd_models)
 
     p = commands.add_parser("complexity", help="write the params/FLOPs table (CSV, Markdown, LaTeX)")
-    p.add_argument("--out", default="results/tables", help="output folder (default: results/tables)")
+    p.add_argument("--out", type=output_folder, default="results/tables",
+                   help="output folder (default: results/tables)")
     p.set_defaults(func=cmd_complexity)
 
     p = commands.add_parser("train", help="train one run of a spec (resumes an unfinished one)")
     p.add_argument("spec", help="experiment spec (YAML)")
-    p.add_argument("--seed", type=int, help="seed (overrides the spec's); the run folder is seed<K>")
+    p.add_argument("--seed", type=seed, help="seed (overrides the spec's); the run folder is seed<K>")
     p.add_argument("--data", help="dataset folder (default: the spec's data.root, then $REPRO_DATA)")
-    p.add_argument("--results", default="results", help="results folder (default: results)")
+    p.add_argument("--results", type=output_folder, default="results", help="results folder (default: results)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key, e.g. --set optim.lr=0.05 (repeatable)")
     p.add_argument("--restart", action="store_true",
@@ -157,12 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("make-data", help="write a generated dataset in the real on-disk format")
     p.add_argument("dataset", choices=("cifar10", "imagenet"))
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--train", type=_count, help="training images (cifar10: 50000; imagenet: per class, 100)")
-    p.add_argument("--test", type=_count, help="cifar10 test images (default 10000)")
-    p.add_argument("--val", type=_count, help="imagenet validation images per class (default 20)")
-    p.add_argument("--classes", type=_count, help="imagenet classes (default 10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=output_folder, required=True, help="output folder")
+    p.add_argument("--train", type=at_least(1, MAX_IMAGES),
+                   help="training images (cifar10: 50000; imagenet: per class, 100)")
+    p.add_argument("--test", type=at_least(1, MAX_IMAGES), help="cifar10 test images (default 10000)")
+    p.add_argument("--val", type=at_least(1, MAX_IMAGES), help="imagenet validation images per class (default 20)")
+    p.add_argument("--classes", type=at_least(1, 1000), help="imagenet classes (default 10; at most ImageNet's 1000)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--force", action="store_true",
                    help="replace an existing dataset there (its files are deleted first)")
     p.set_defaults(func=cmd_make_data)
@@ -173,22 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar: the specs to time (default: ResNet-20, -56 and -110)")
     p.add_argument("--switches", nargs="+", metavar="NAME",
                    help="cifar: only these candidates besides eager_fp32 (default: all that apply here)")
-    p.add_argument("--batch-size", type=int, default=128, help="cifar: images per iteration (default 128)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data", help="imagenet-data: an ImageNet root (default: a generated stand-in)")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="imagenet-data: worker counts")
-    p.add_argument("--steps", type=int, default=20,
+    p.add_argument("--batch-size", type=at_least(1, MAX_IMAGES), default=128,
+                   help="cifar: images per iteration (default 128)")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--data", type=existing_folder,
+                   help="imagenet-data: an ImageNet root (default: a generated stand-in)")
+    p.add_argument("--workers", type=at_least(0, MAX_WORKERS), nargs="+", default=[1, 2],
+                   help="imagenet-data: worker counts")
+    p.add_argument("--steps", type=at_least(1), default=20,
                    help="iterations per timed round (cifar) or timed batches (imagenet-data)")
-    p.add_argument("--warmup", type=int, default=5, help="cifar: untimed iterations first (compilation)")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--warmup", type=at_least(0), default=5, help="cifar: untimed iterations first (compilation)")
+    p.add_argument("--rounds", type=at_least(1), default=5,
                    help="interleaved rounds of the candidates (cifar) or paths (imagenet-data); the median counts")
-    p.add_argument("--out", default="results/bench")
+    p.add_argument("--out", type=output_folder, default="results/bench")
     p.set_defaults(func=cmd_bench)
 
     p = commands.add_parser("report", help="figures, tables and REPORT.md from the run folders (never trains)")
-    p.add_argument("--results", default="results", help="results folder holding runs/ (default: results)")
+    p.add_argument("--results", type=path, default="results", help="results folder holding runs/ (default: results)")
     p.add_argument("--suite", default="experiments/suite.yaml", help="which runs feed which figure/table")
-    p.add_argument("--out", help="output folder (default: the results folder)")
+    p.add_argument("--out", type=output_folder, help="output folder (default: the results folder)")
     p.add_argument("--smoke", action="store_true", help="expect the smoke suite's seed counts")
     p.add_argument("--extras", action="store_true",
                    help="the suite's extras were asked for: their claims are NOT RUN, not NOT ASKED FOR, until run")
@@ -196,23 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("status", help="where each run of the suite stands: state, progress, errors, speed, "
                                            "ETA, Slurm jobs (only reads the run folders)")
-    p.add_argument("--results", help="results folder holding runs/ (default: results; with --smoke, results/smoke)")
+    p.add_argument("--results", type=path,
+                   help="results folder holding runs/ (default: results; with --smoke, results/smoke)")
     p.add_argument("--suite", default="experiments/suite.yaml", help="suite file (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="the smoke suite's runs (default folder results/smoke)")
     p.add_argument("--extras", action="store_true", help="also the suite's extras that have not started")
     p.add_argument("--slurm", action="store_true",
                    help="ask squeue for the suite's jobs (without it: when results/slurm/ holds runs lists)")
-    p.add_argument("--watch", type=_seconds, metavar="SECONDS",
+    p.add_argument("--watch", type=seconds, metavar="SECONDS",
                    help="redraw every SECONDS until Ctrl-C (in place on a terminal, plain lines otherwise)")
     p.add_argument("--json", action="store_true", help="one JSON object (a line per redraw) instead of the table")
     p.set_defaults(func=cmd_status)
 
     p = commands.add_parser("responses", help="Fig. 7: std of each 3x3 layer's response, from final checkpoints")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", type=path, default="results")
     p.add_argument("--suite", default="experiments/suite.yaml")
     p.add_argument("--data", help="CIFAR-10 folder (default: each run's data.root, then $REPRO_DATA)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--out", help="output folder (default: the results folder)")
+    p.add_argument("--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--out", type=output_folder, help="output folder (default: the results folder)")
     p.set_defaults(func=cmd_responses)
 
     from repro.suite.run_all import add_arguments as add_run_all_arguments, run_all

@@ -424,7 +424,7 @@ class Trainer:
             if self.spec.eval.precise_bn_images and self.precise is None:
                 self.precise = self.precise_bn_pass(stop)
                 if self.precise is None:
-                    self.log(f"stopped by signal {stop.received} during the precise-BN pass after the last "
+                    self.log(f"stopped by {stop.cause()} during the precise-BN pass after the last "
                              "iteration; run the same command to finish")
                     return EXIT_PREEMPTED
                 self.save()  # the precise statistics beside the moving averages, for repro evaluate and others
@@ -591,17 +591,19 @@ def _resume(trainer: Trainer, folder: RunFolder, processes: Processes) -> bool:
     after checking its recipe; False for a fresh start. Results without a checkpoint are an error.
     It is read onto the CPU, wherever it was saved: the RNG states must be CPU tensors, and
     load_state_dict copies the network's and the optimizer's tensors to the device of the parameters."""
+    def use(state: dict) -> None:  # a checkpoint that fails to load is damaged; one of another recipe is refused
+        refuse_other_recipe(state["config"], trainer.spec, folder.checkpoints)  # even without config.yaml
+        trainer.load_state_dict(state)
+
     state = None
     for turn in (True, False):  # the main process, then the others
         if processes.is_main == turn:
-            state = load_checkpoint(folder.checkpoints, map_location="cpu", move_damaged=turn)
+            state = load_checkpoint(folder.checkpoints, map_location="cpu", move_damaged=turn, use=use)
         processes.barrier()
     if state is None:
         if processes.is_main:
             folder.refuse_results_without_checkpoint()
         return False
-    refuse_other_recipe(state["config"], trainer.spec, folder.checkpoints)  # even without config.yaml
-    trainer.load_state_dict(state)
     if processes.is_main:
         folder.write_metrics(trainer.state.rows, trainer.columns)  # drop rows written after the checkpoint
     return True

@@ -79,6 +79,8 @@ class RunFolder:
         return cls(run_path(results, spec.name, spec.seed))
 
     def finished(self) -> bool:
+        if self.final.exists() and not self.final.is_file():
+            raise ReproError(f"{self.final} is not a file: the run folder is damaged; move it away to resume the run")
         return self.final.exists()
 
     def saved_config(self) -> dict[str, Any] | None:

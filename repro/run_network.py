@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import yaml
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from repro.checkpoint import load_checkpoint
+from repro.checkpoint import load_checkpoint, load_problem
 from repro.contract import CHECKPOINTS, CONFIG, FINAL
 from repro.data.imagenet import CACHE_DIR_NAME, CROP, MEAN_FILE, mean_image, user_cache_dir
 from repro.errors import ReproError
@@ -165,10 +166,11 @@ def read_torchvision(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     is downloaded."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols on the way to refusing a file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ReproError(f"{path} is not a readable weights file ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        raise ReproError(f"{path} is not a readable weights file: {load_problem(error)}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # torchvision's reference checkpoints
         state = state["model"]
     return torchvision_state(state, str(path))

@@ -69,5 +69,10 @@ class LearningRate:
                  "epochs_without_improvement")}
 
     def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's schedule; ValueError for keys or values this class never writes (a crafted file)."""
+        wrong = [key for key, value in state.items() if key not in self.state_dict()
+                 or not isinstance(value, (bool, int, float, type(None)))]
+        if wrong:
+            raise ValueError(f"schedule: unexpected {', '.join(map(str, wrong))}")
         for key, value in state.items():
             setattr(self, key, value)

@@ -6,19 +6,65 @@ An unknown key, a wrong type or an impossible value is a SpecError naming the fi
 """
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from repro.arguments import DEVICE, DEVICES, MAX_SEED, MAX_WORKERS, shown
 from repro.errors import SpecError
 from repro.paper import CIFAR_LR_MILESTONES, CIFAR_MAX_ITERS
+
+
+def _admits_bool(annotation: Any) -> bool:
+    return annotation is bool or any(_admits_bool(arg) for arg in get_args(annotation))
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML as a spec may use it. No aliases: nine levels of nine aliases (a "billion laughs") expand
+    to 9^9 values from a few hundred bytes. No key given twice in one mapping: YAML says the last one
+    would silently win."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a spec; "
+                                              "write the value out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if (key.tag, key.value) in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {shown(key.value)} is given "
+                                                            "twice in one mapping", key.start_mark)
+                seen.add((key.tag, key.value))
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """A spec's YAML text (a file or a --set value) read with _SpecLoader."""
+    try:
+        return yaml.load(text, Loader=_SpecLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 class _Section(BaseModel):
     # allow_inf_nan: pydantic accepts nan and inf as floats; in a rate or a threshold they are typos
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads `true` as 1 in a number: `max_iters: true` would train one iteration."""
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in values) and not _admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {shown(value)}")
+        return value
 
 
 class ModelSpec(_Section):
@@ -61,13 +107,13 @@ class DataSpec(_Section):
     verify_checksums: bool = True  # CIFAR-10: reject copies that differ from the canonical download
     download: bool = False  # CIFAR-10: fetch through torchvision when missing (needs network)
     validation_split: bool = False  # CIFAR-10: train on 45k, test on the 5k held out (Sec. 4.2)
-    workers: int = 8  # ImageNet: data-loader processes per training process
-    mean_sample_size: int = 10_000  # ImageNet: training crops averaged for the per-pixel mean
+    workers: int = Field(8, ge=0, le=MAX_WORKERS)  # ImageNet: data-loader processes per training process
+    mean_sample_size: int = Field(10_000, ge=1)  # ImageNet: training crops averaged for the per-pixel mean
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # ImageNet: decode+augment in CPU workers or on the GPU; auto: cpu
     # ImageNet, CPU path: JPEGs whose resize at least halves them decoded at 1/2, 1/4 or 1/8 scale in the DCT.
     # Faster for large images but different pixels (README: measured), so opt-in; false is a full decode.
     draft_decode: bool = False
-    eval_batch_size: int = 500  # images per evaluation step; does not change any result
+    eval_batch_size: int = Field(500, ge=1)  # images per evaluation step; does not change any result
 
 
 class OptimSpec(_Section):
@@ -80,14 +126,14 @@ class OptimSpec(_Section):
     lr_schedule: Literal["milestones", "plateau"] = "milestones"
     lr_milestones: list[int] = list(CIFAR_LR_MILESTONES)  # iterations where lr is divided (Sec. 4.2)
     lr_factor: float = 0.1  # "divided by 10" (Sec. 3.4, 4.2)
-    plateau_patience: int = 5  # ImageNet: epochs without improvement of the val error before a drop
-    plateau_threshold: float = 0.1  # ImageNet: an improvement smaller than this (percentage points) is none
+    plateau_patience: int = Field(5, ge=1)  # ImageNet: epochs without improvement of the val error before a drop
+    plateau_threshold: float = Field(0.1, ge=0)  # ImageNet: an improvement below this (percentage points) is none
     # Our choice: at most this many plateau drops (the paper gives no floor). Three take 0.1 to 1e-4: the
     # paper's 60e4 iterations are about 120 epochs at batch 256, room for one more than fb.resnet.torch's
     # two in 90 epochs. None: no limit.
     max_lr_drops: Optional[int] = Field(3, ge=0)
     warmup_lr: Optional[float] = None  # ResNet-110/1202: 0.01 until training error < 80% (Sec. 4.2)
-    warmup_until_train_error: float = 80.0  # percent; then lr goes back to `lr` and the schedule
+    warmup_until_train_error: float = Field(80.0, ge=0, le=100)  # percent; then lr goes back to `lr` and the schedule
     warmup_window: int = 50  # iterations whose running training error decides the warm-up's end
     # Our choice: the paper's warm-up took about 400 iterations; one still running at this cap ends
     # here, logged and recorded in final.json, instead of training at warmup_lr all along.
@@ -102,7 +148,8 @@ class OptimSpec(_Section):
         if not 0 < self.lr_factor < 1:
             raise ValueError(f"lr_factor must lie in (0, 1), got {self.lr_factor}")
         if self.lr_milestones != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
-            raise ValueError(f"lr_milestones must be strictly increasing positive iterations, got {self.lr_milestones}")
+            raise ValueError("lr_milestones must be strictly increasing positive iterations, got "
+                             f"{shown(self.lr_milestones)}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov: Nesterov momentum needs a momentum above 0")
         if self.warmup_window < 1 or self.warmup_max_iters < 1:
@@ -138,9 +185,8 @@ class RunSpec(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "RunSpec":
-        if self.device not in ("auto", "cpu", "cuda") and not (
-                self.device.startswith("cuda:") and self.device[5:].isdigit()):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be {DEVICES}, got {shown(self.device)}")
         return self
 
 
@@ -180,7 +226,7 @@ class FinetuneSpec(_Section):
     @model_validator(mode="after")
     def _check(self) -> "FinetuneSpec":
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes: at least 2 distinct class names, got {self.classes}")
+            raise ValueError(f"classes: at least 2 distinct class names, got {shown(self.classes)}")
         return self
 
 
@@ -192,12 +238,17 @@ class Spec(_Section):
     run: RunSpec = RunSpec()
     eval: EvalSpec = EvalSpec()
     finetune: Optional[FinetuneSpec] = None  # None: trained from He initialisation (every spec of the paper)
-    seed: int = Field(0, ge=0)  # seeds the He initialisation, the data order and the augmentation
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # seeds the He initialisation, the data order and the augmentation
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"must be letters, digits, '_' or '-' (it names the run folder), got {shown(name)}")
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> "Spec":
-        if not self.name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"name must be letters, digits, '_' or '-' (it names the run folder), got {self.name!r}")
         expected = {"cifar": "cifar10", "imagenet": "imagenet"}[self.model.arch]
         if self.data.dataset != expected:
             raise ValueError(f"model.arch {self.model.arch} needs data.dataset {expected}, got {self.data.dataset}")
@@ -224,7 +275,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     except OSError as error:
         raise SpecError(f"{path}: cannot be read ({error.strerror})") from None
     try:
-        mapping = yaml.safe_load(text) or {}
+        mapping = read_yaml(text) or {}
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(mapping, dict):
@@ -257,20 +308,21 @@ def parse_overrides(assignments: list[str], where: str = "--set") -> dict[str, A
         key, sep, text = assignment.partition("=")
         *parents, leaf = parts = key.split(".")
         if not sep or not all(parts):
-            raise SpecError(f"{where}: expected KEY=VALUE with a dotted KEY such as optim.lr, got {assignment!r}")
+            raise SpecError(f"{where}: expected KEY=VALUE with a dotted KEY such as optim.lr, got {shown(assignment)}")
         try:
-            value = yaml.safe_load(text) if text else None
+            value = read_yaml(text) if text else None
         except yaml.YAMLError as error:
-            raise SpecError(f"{where}: {key}: the value {text!r} is not valid YAML: {_yaml_problem(error)}") from None
+            raise SpecError(f"{where}: {shown(key)[1:-1]}: the value {shown(text)} is not valid YAML: "
+                            f"{_yaml_problem(error)}") from None
         node = result
         for depth, part in enumerate(parents, start=1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise SpecError(f"{where}: {key}: an earlier assignment set {'.'.join(parts[:depth])} to {node!r}, "
-                                "which has no keys")
+                raise SpecError(f"{where}: {shown(key)[1:-1]}: an earlier assignment set {'.'.join(parts[:depth])} to "
+                                f"{shown(node)}, which has no keys")
         if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
-            raise SpecError(f"{where}: {key}: {value!r} would replace the keys below {key} that an earlier "
-                            "assignment set")
+            raise SpecError(f"{where}: {shown(key)[1:-1]}: {shown(value)} would replace the keys below "
+                            f"{shown(key)[1:-1]} that an earlier assignment set")
         node[leaf] = merge(node[leaf], value) if isinstance(node.get(leaf), dict) else value
     return result
 
@@ -283,22 +335,55 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return " ".join(str(error).split())
 
 
-def validate(mapping: dict[str, Any], source: str) -> Spec:
-    """Typed spec from a plain mapping; errors name `source` and the dotted key."""
+def validate(mapping: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Spec:
+    """Typed spec from a plain mapping, with `overrides` (--set) merged over it; errors name `source`, or
+    `--set` where the overrides hold the key (or the mapping alone is valid), and the dotted key."""
     try:
-        return Spec.model_validate(_floats_from_scientific(mapping))
+        return Spec.model_validate(_floats_from_scientific(merge(mapping, overrides or {})))
     except ValidationError as error:
-        raise SpecError(describe(error, source)) from None
+        blame_set = bool(overrides) and _valid(mapping)
+        raise SpecError(describe(error, source, overrides, blame_set)) from None
 
 
-def describe(error: ValidationError, source: str) -> str:
-    """One line per problem: `source: dotted.key: message`."""
-    problems = []
+def _valid(mapping: dict[str, Any]) -> bool:
+    try:
+        Spec.model_validate(_floats_from_scientific(mapping))
+    except ValidationError:
+        return False
+    return True
+
+
+def _overridden(overrides: dict[str, Any] | None, loc: tuple) -> bool:
+    """Whether `overrides` sets the key at `loc` itself (not only keys below it)."""
+    node = overrides
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(loc) and not isinstance(node, dict)
+
+
+# pydantic names each member of a Union that a value failed (`literal['auto']`, `bool`) in its location
+_UNION_TAG = re.compile(r"[a-z-]+\[.*\]|bool|int|float|str")
+
+
+def describe(error: ValidationError, source: str, overrides: dict[str, Any] | None = None,
+             blame_set: bool = False) -> str:
+    """The first problem on one line, `source: dotted.key: message`, and the keys of the others."""
+    problems: dict[str, str] = {}
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
+        loc = tuple(itertools.takewhile(lambda part: not _UNION_TAG.fullmatch(str(part)), item["loc"]))
+        key = shown(".".join(str(part) for part in loc))[1:-1]
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
-        problems.append(f"{source}: {key}: {message}" if key else f"{source}: {message}")
-    return "\n".join(problems)
+        if key in problems:  # a value of a Union fails each member: `auto` or a boolean
+            problems[key] += " or " + message.removeprefix("Input should be ")
+            continue
+        where = "--set" if blame_set or _overridden(overrides, loc) else source
+        problems[key] = f"{where}: {key}: {message}" if key else f"{where}: {message}"
+    first, *more = problems.values()
+    others = list(problems)[1:]
+    return first + (f" (and {len(others)} more: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+                    if others else "")
 
 
 def _floats_from_scientific(value: Any) -> Any:
@@ -322,12 +407,11 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
     optim.max_iters=1000` alone) would never divide the lr. A run folder's config.yaml, a record of what
     was trained, is read with `validate` alone, so that older records stay readable."""
     path = Path(path).resolve()
-    mapping = _read_yaml(path)
-    if overrides:
-        mapping = merge(mapping, overrides)
-    spec = validate(mapping, str(path))
+    spec = validate(_read_yaml(path), str(path), overrides)
     late = [m for m in spec.optim.lr_milestones if m >= spec.optim.max_iters]
     if spec.optim.lr_schedule == "milestones" and late:
-        raise SpecError(f"{path}: optim.lr_milestones: {late} lie at or beyond optim.max_iters {spec.optim.max_iters}, "
-                        "where they would never divide the lr; give a shorter run earlier milestones, or [] for none")
+        where = "--set" if (overrides or {}).get("optim", {}).keys() & {"max_iters", "lr_milestones"} else path
+        raise SpecError(f"{where}: optim.lr_milestones: {shown(late)} lie at or beyond optim.max_iters "
+                        f"{spec.optim.max_iters}, where they would never divide the lr; give a shorter run earlier "
+                        "milestones, or [] for none")
     return spec

@@ -90,6 +90,7 @@ def write_finished_run(results, data, name, seed):
         model(images(16, seed))
     # only the weights and the config matter here; the training state is left empty
     save_checkpoint(folder / "checkpoints", {**dict.fromkeys(REQUIRED_KEYS, {}), "model": model.state_dict(),
+                                             "iteration": 10, "epoch": 1, "batch": 0, "rows": [],
                                              "config": spec.to_dict()})
     pd.DataFrame([{"epoch": 1, "iteration": 10, "train_images": 160, "partial": 0, "train_error": 80.0,
                    "test_error": 85.0}]).to_csv(

@@ -106,16 +106,16 @@ IMAGENET_PLAIN_B = ("name: s\nmodel: {arch: imagenet, depth: 34, residual: false
     (CIFAR, ["optim.lr_milestones=[8,12"], "--set", "optim.lr_milestones: the value '[8,12' is not valid YAML"),
     (CIFAR, ["optim=5", "optim.lr=0.1"], "--set", "optim.lr: an earlier assignment set optim to 5"),
     (CIFAR, ["optim.lr=0.1", "optim=5"], "--set", "optim: 5 would replace the keys below optim"),
-    (CIFAR, ["optim.momentum=-0.9"], "FILE", "optim.momentum: Input should be greater than or equal to 0"),
-    (CIFAR, ["optim.weight_decay=-1e-4"], "FILE", "optim.weight_decay: Input should be greater than or equal to 0"),
-    (CIFAR, ["optim.lr=.nan"], "FILE", "optim.lr: Input should be a finite number"),
-    (CIFAR, ["optim.lr=inf"], "FILE", "optim.lr: Input should be a finite number"),
-    (CIFAR, ["optim.warmup_lr=.inf"], "FILE", "optim.warmup_lr: Input should be a finite number"),
-    (CIFAR, ["optim.max_iters=100"], "FILE", "optim.lr_milestones: [32000, 48000] lie at or beyond optim.max_iters"),
+    (CIFAR, ["optim.momentum=-0.9"], "--set", "optim.momentum: Input should be greater than or equal to 0"),
+    (CIFAR, ["optim.weight_decay=-1e-4"], "--set", "optim.weight_decay: Input should be greater than or equal to 0"),
+    (CIFAR, ["optim.lr=.nan"], "--set", "optim.lr: Input should be a finite number"),
+    (CIFAR, ["optim.lr=inf"], "--set", "optim.lr: Input should be a finite number"),
+    (CIFAR, ["optim.warmup_lr=.inf"], "--set", "optim.warmup_lr: Input should be a finite number"),
+    (CIFAR, ["optim.max_iters=100"], "--set", "optim.lr_milestones: [32000, 48000] lie at or beyond optim.max_iters"),
     (IMAGENET_PLAIN_B, [], "FILE", "model: shortcut: a plain net has no shortcuts"),
 ], ids=["binary", "base_list", "base_int", "set_bad_yaml", "set_key_below_scalar", "set_scalar_over_keys",
         "momentum", "weight_decay", "lr_nan", "lr_inf", "warmup_lr_inf", "milestones_late", "imagenet_plain_b"])
-def test_bad_input_is_one_clean_line_naming_the_file_and_key(tmp_path, capsys, text, sets, where, message):
+def test_bad_input_is_one_clean_line_naming_the_file_or_the_set_and_key(tmp_path, capsys, text, sets, where, message):
     write(tmp_path / "base.yaml", (EXPERIMENTS / "cifar10" / "base.yaml").read_text())
     path = tmp_path / "bad.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())

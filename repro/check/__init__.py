@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from repro.contract import DATA_ENV, EXIT_FAILED, EXIT_OK, STOP_SIGNALS, atomic_write, data_root
-from repro.suite.plan import at_least
+from repro.arguments import at_least, output_folder
 from repro.suite.slurm import variable
 
 
@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="only specs whose name matches (fnmatch); repeatable or comma-separated")
     runs.add_argument("--extras", action="store_true", help="also the suite's extras")
     runs.add_argument("--seeds", type=at_least(1), metavar="N", help="seeds per spec (default: the suite file's)")
-    runs.add_argument("--results", default="results", help="where the run folders will go: its disk is checked "
-                                                           "and the bursts train there, in a temporary folder")
+    runs.add_argument("--results", type=output_folder, default="results",
+                      help="where the run folders will go: its disk is checked and the bursts train there, "
+                           "in a temporary folder")
     runs.add_argument("--data-cifar", metavar="DIR",
                       help=f"the folder holding cifar-10-batches-py (default: ${DATA_ENV})")
     runs.add_argument("--data-imagenet", metavar="DIR",
@@ -56,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_argument("--account", default=os.environ.get(variable("account")), metavar="A",
                        help=f"account to charge [${variable('account')}]")
     parser.add_argument("--no-burst", action="store_true", help="skip the training bursts and the projection")
-    parser.add_argument("--out", default="results/bench", help="where check-<host>.json goes (default: %(default)s)")
+    parser.add_argument("--out", type=output_folder, default="results/bench",
+                        help="where check-<host>.json goes (default: %(default)s)")
 
 
 def run_check(options: argparse.Namespace) -> int:

@@ -76,6 +76,9 @@ class ImageNetPipeline:
                                  draft_decode=spec.data.draft_decode, ten_crop=spec.eval.ten_crop, device=device)
         if processes.distributed and processes.is_main:
             processes.barrier()
+        if len(data.train) < spec.optim.batch_size:  # every epoch drops its partial batch: none would be left
+            raise DataError(f"a batch size of {spec.optim.batch_size} does not fit {len(data.train)} training "
+                            f"images in {root / 'train'}: lower optim.batch_size or add images")
         self.device, self.channels_last = device, switches.channels_last
         self.unreadable = data.unreadable  # files skipped so far; the trainer logs and counts them
         shard = {"rank": processes.rank, "world_size": processes.world_size}

@@ -29,9 +29,9 @@ CHECKSUMS = {
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 SIZE = 32  # CIFAR images are 32x32 (Sec. 4.2)
 PAD = 4  # "4 pixels are padded on each side" (Sec. 4.2)
-HOW_TO_GET = ("Download the CIFAR-10 python version from https://www.cs.toronto.edu/~kriz/cifar.html and unpack "
-              "it there, set data.download: true on a machine with network access, or write a generated "
-              "stand-in with `repro make-data cifar10 --out DIR` (and set data.verify_checksums: false).")
+# Short: an error is one line. README.md's "Getting the data" says the rest.
+HOW_TO_GET = ("Get its python version (README.md, 'Getting the data'), set data.download: true, or make a "
+              "stand-in: repro make-data cifar10 --out DIR (with data.verify_checksums: false).")
 
 
 @dataclass
@@ -97,8 +97,7 @@ def load_cifar10(root: str | Path, *, verify_checksums: bool = True, download: b
     folder = _batches_folder(root)
     missing = [name for name in CHECKSUMS if not (folder / name).is_file()]
     if not folder.is_dir():
-        raise DataError(f"CIFAR-10 not found: no folder {folder}"
-                        f"{'' if folder == root else f' and no CIFAR-10 batches in {root}'}. {HOW_TO_GET}")
+        raise DataError(f"CIFAR-10 not found: no folder {folder}. {HOW_TO_GET}")
     if missing:
         raise DataError(f"CIFAR-10 incomplete: {folder} lacks {', '.join(missing)}. {HOW_TO_GET}")
     if verify_checksums:

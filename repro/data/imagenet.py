@@ -79,15 +79,10 @@ DECODE_CHOICES = ("auto", "cpu", "gpu")
 
 CACHE_DIR_NAME = ".repro-cache"  # inside the ImageNet root, beside train/ and val/
 MEAN_FILE = "mean_image.pt"
-GET_IMAGENET = (
-    "Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org/download "
-    "(free registration), extract the training tar into one folder per class (wnid), put the "
-    "validation images into the same class folders, and pass the folder that holds train/ and val/.")
-SORT_VAL = (
-    "Sort them into class folders: run the widely used valprep.sh "
-    "(https://raw.githubusercontent.com/soumith/imagenetloader.torch/master/valprep.sh) inside val/, "
-    "or move each image into the folder of its wnid using ILSVRC2012_validation_ground_truth.txt and "
-    "meta.mat from the ILSVRC2012 devkit.")
+# Short: an error is one line. README.md's "Getting the data" says the rest.
+GET_IMAGENET = ("Expected DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG from ILSVRC2012 "
+                "(https://image-net.org/download; README.md, 'Getting the data').")
+SORT_VAL = "Sort them into class folders (the devkit's ground truth, or valprep.sh; README.md, 'Getting the data')."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,9 +96,7 @@ def _is_image(name: str) -> bool:
 def _class_folders(split_dir: Path, split: str) -> list[str]:
     """The class folders of one split, after checking that each holds at least one image."""
     if not split_dir.is_dir():
-        raise DataError(f"ImageNet {split} folder not found: {split_dir}. Expected the layout "
-                        f"{split_dir.parent}/train/<wnid>/*.JPEG and {split_dir.parent}/val/<wnid>/*.JPEG. "
-                        + GET_IMAGENET)
+        raise DataError(f"ImageNet {split} folder not found: {split_dir}. " + GET_IMAGENET)
     entries = list(os.scandir(split_dir))
     loose_images = [e.name for e in entries if e.is_file() and _is_image(e.name)]
     if loose_images:
@@ -164,6 +157,7 @@ class Unreadable:
     """Stands in a batch for a sample whose file no decoder reads."""
     path: str
     reason: str
+    key: tuple[int, int] | None = None  # (epoch, index): where a training batch with no readable sample refills
 
 
 class UnreadableImageWarning(UserWarning):
@@ -398,8 +392,9 @@ class ImageNetSamples(Dataset):
     crops alone on the [0, 1] scale, without colour noise (for the mean image).
 
     A file that no decoder reads stops nothing. `collate` leaves it out of the batch, or, with
-    keep_batch_size (training), fills its slot with the batch's next readable sample, so that every
-    batch keeps its size: DDP ranks stay in step and a resumed run counts the same iterations.
+    keep_batch_size (training), fills its slot with the batch's next readable sample (or, when none
+    of the batch is readable, the folder's next readable image), so that every batch keeps its size:
+    DDP ranks stay in step and a resumed run counts the same iterations.
     ImageNetLoader reports and counts it."""
 
     # decode's full-size JPEG decoder; the benchmark swaps in torchvision's to compare (bench_imagenet.py).
@@ -445,20 +440,32 @@ class ImageNetSamples(Dataset):
             data, header, plan = self._read(path, key)
             crops = resample(decode(data, header, plan.resized, self.draft_decode, self.full_size_decoder), plan)
         except UnreadableImage as error:
-            return Unreadable(path, str(error)), target
+            return Unreadable(path, str(error), key), target
         return Cropped(crops[0] if len(plan.crops) == 1 else crops, plan.alpha), target
 
     def collate(self, samples: list) -> tuple:
         """(crops, lighting weights [B, 3] or None, targets, ((path, reason), ...) of the unreadable
         files); see the class's doc."""
-        slots = batch_slots([isinstance(item, Unreadable) for item, _ in samples], self.keep_batch_size)
         unreadable = tuple((item.path, item.reason) for item, _ in samples if isinstance(item, Unreadable))
+        if self.keep_batch_size and samples and len(unreadable) == len(samples):
+            samples = [self.next_readable(samples[-1][0].key)] * len(samples)
+        slots = batch_slots([isinstance(item, Unreadable) for item, _ in samples], self.keep_batch_size)
         items, targets = [samples[i][0] for i in slots], torch.tensor([samples[i][1] for i in slots])
         if not items:
             return torch.empty(0, dtype=torch.uint8), None, targets, unreadable
         alphas = torch.tensor([item.alpha for item in items]) if items[0].alpha is not None else None
         # default_collate stacks straight into shared memory in a worker, sparing a copy on the way out
         return default_collate([item.crops for item in items]), alphas, targets, unreadable
+
+    def next_readable(self, key: tuple[int, int]) -> tuple:
+        """The first readable sample after `key` in index order (the same epoch, its own draws), for a
+        training batch with no readable sample; an unreadable one when no image of the folder is."""
+        epoch, index = key
+        for step in range(1, len(self)):
+            sample = self[(epoch, (index + step) % len(self))]
+            if not isinstance(sample[0], Unreadable):
+                return sample
+        return self[key]
 
     def finish_batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """(images, targets, unreadable) on the device, from a batch of `collate`."""

@@ -8,6 +8,7 @@ streaming pass adds up each channel's sum and sum of squares in float64; both re
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -99,14 +100,22 @@ class _TestImages:
 def response_frame(runs: list[Run], data_root: str | None = None, *, device: str | torch.device = "cpu",
                    batch_size: int = BATCH_SIZE) -> pd.DataFrame:
     """One row per (run, 3x3 layer) for the final checkpoint of each run: model, seed, layer_index,
-    layer, std, mean_channel_std."""
+    layer, std, mean_channel_std. A run whose checkpoints or config cannot be read (or hold another
+    network) is left out with a warning naming it; ReproError when every run is."""
     test_images = _TestImages(data_root)
-    rows = []
+    rows, problems = [], []
     for run in runs:
-        model, config = load_run_model(run.path, device)
+        try:
+            model, config = load_run_model(run.path, device)
+        except ReproError as error:  # one damaged run must not cost the others their numbers
+            problems.append(f"{run.path}: {error}")
+            print(f"warning: left out of Fig. 7: {problems[-1]}", file=sys.stderr)
+            continue
         responses = layer_response_stds(model, test_images.batches(config, run.path / CONFIG, batch_size, device))
         rows += [{"model": run.name, "seed": run.seed, "layer_index": index, **response._asdict()}
                  for index, response in enumerate(responses)]
+    if not rows and problems:
+        raise ReproError(f"no Fig. 7 run could be read ({len(problems)} damaged), e.g. {problems[0]}")
     return pd.DataFrame(rows, columns=RESPONSE_COLUMNS)
 
 

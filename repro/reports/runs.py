@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
+from repro.arguments import shown
 from repro.contract import CONFIG, FINAL, METRIC_COLUMNS, METRICS, run_path
 from repro.errors import ReproError, SpecError
 from repro.reuse import table4_record
@@ -161,25 +162,30 @@ def _read_metrics(path: Path, tail: int | None = None) -> pd.DataFrame | None:
     missing = [c for c in METRICS_COLUMNS if c not in metrics.columns]
     if missing:
         raise ReproError(f"{METRICS}: no column {', '.join(missing)} (expected {', '.join(METRIC_COLUMNS)})")
-    # no rows (a run stopped inside its first epoch) reads as text columns, and is no damage
-    not_numbers = [c for c in METRICS_COLUMNS
-                   if not metrics.empty and not pd.api.types.is_numeric_dtype(metrics[c])]
+    if metrics.empty:  # the header alone, as the trainer writes it for a run stopped in its first epoch
+        return metrics
+    not_numbers = [c for c in METRICS_COLUMNS if not pd.api.types.is_numeric_dtype(metrics[c])]
     if not_numbers:
         raise ReproError(f"{METRICS}: column {', '.join(not_numbers)} holds something other than numbers")
     return metrics
 
 
 def _read_final(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
+    if not path.exists():
         return None
+    if not path.is_file():
+        raise ReproError(f"{FINAL}: not a file")
     try:
         final = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ReproError(f"{FINAL}: not valid JSON ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+        raise ReproError(f"{FINAL}: not valid JSON ({shown(str(error))[1:-1]})") from None
     if not isinstance(final, dict) or final.get("status") not in (FINISHED, DIVERGED):
         raise ReproError(f"{FINAL}: expected a mapping whose status is {FINISHED!r} or {DIVERGED!r}")
-    if final["status"] == FINISHED and not isinstance(final.get("final_test_error"), (int, float)):
-        raise ReproError(f"{FINAL}: a finished run without its final_test_error")
+    error = final.get("final_test_error")
+    if final["status"] == FINISHED and not (isinstance(error, (int, float)) and not isinstance(error, bool)
+                                            and 0 <= error <= 100):
+        raise ReproError(f"{FINAL}: a finished run without its final_test_error, a percentage "
+                         f"(got {shown(error)})")
     return final
 
 

@@ -1,22 +1,24 @@
-"""The arguments of `repro evaluate`, `repro finetune` and `repro predict`. Nothing heavy is imported here
+"""The arguments of `repro evaluate`, `repro table4`, `repro finetune` and `repro predict`. Nothing heavy is imported here
 (the CLI builds its parser from it); each command imports its module when it runs."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from repro.arguments import MAX_WORKERS, at_least, device, grid_file, output_folder, path, seed
 from repro.reuse import PROTOCOLS, STRATEGIES
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN_FOLDER", help="a finished run folder (RESULTS/runs/<name>/seed<K>)")
+    parser.add_argument("run", type=path, metavar="RUN_FOLDER",
+                        help="a finished run folder (RESULTS/runs/<name>/seed<K>)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="ten_crop",
                         help="center crop, the 10-crop test of Tables 2-3, or Table 4's multi-scale test of "
                              "Sec. 3.4 (default ten_crop)")
     parser.add_argument("--data", help="the data root it trained on (default: its data.root, then $REPRO_DATA)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--workers", type=int, default=4, help="data-loader processes (default 4)")
-    parser.add_argument("--max-batch-pixels", type=int,
+    parser.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=4, help="data-loader processes (default 4)")
+    parser.add_argument("--max-batch-pixels", type=at_least(1),
                         help="multi_scale: pixels in one forward pass, which bounds its memory "
                              "(default 8 x 640 x 640)")
 
@@ -33,12 +35,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_table4_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", default="results", help="results folder holding runs/ (default: results)")
+    parser.add_argument("--results", type=path, default="results",
+                        help="results folder holding runs/ (default: results)")
     parser.add_argument("--suite", default="experiments/suite.yaml", help="the suite whose Table 4 networks to test")
     parser.add_argument("--data", help="the ImageNet root they trained on (default: each run's data.root, then "
                                        "$REPRO_DATA)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--workers", type=int, default=4, help="data-loader processes (default 4)")
+    parser.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--workers", type=at_least(0, MAX_WORKERS), default=4, help="data-loader processes (default 4)")
 
 
 def run_table4(args: argparse.Namespace) -> int:
@@ -64,8 +67,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                                               "(default: their data.root, then $REPRO_DATA/imagenet)")
     parser.add_argument("--spec", help="recipe file (default: experiments/finetune/<strategy>.yaml)")
     parser.add_argument("--name", help="run name (default: ft-<source>-<dataset>-<strategy>[-frozenbn])")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the new head, the data order and augmentation")
-    parser.add_argument("--results", default="results", help="results folder (default: results)")
+    parser.add_argument("--seed", type=seed, default=0, help="seeds the new head, the data order and augmentation")
+    parser.add_argument("--results", type=output_folder, default="results", help="results folder (default: results)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set optim.max_iters=3000 (repeatable)")
     parser.add_argument("--restart", action="store_true", help="start over, keeping the old run folder aside")
@@ -82,21 +85,19 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="run", required=True, metavar="RUN_FOLDER", help="a run folder")
+    parser.add_argument("--from", dest="run", type=path, required=True, metavar="RUN_FOLDER", help="a run folder")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders of them")
-    parser.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
-    parser.add_argument("--grid", metavar="PNG", help="also save a grid of the images with guesses and true labels")
+    parser.add_argument("--top", type=at_least(1), default=5, help="classes per image (default 5)")
+    parser.add_argument("--grid", type=grid_file, metavar="PNG",
+                        help="also save a grid of the images with guesses and true labels (.png, .jpg, .pdf or .svg)")
     parser.add_argument("--data", help="ImageNet runs: the data root they trained on, for the mean image and the "
                                        "class names (default: data.root, then $REPRO_DATA)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--device", type=device, default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from repro.errors import ReproError
     from repro.reuse.predict import predict, save_grid, table
 
-    if args.top < 1:
-        raise ReproError(f"--top must be at least 1, got {args.top}")
     predictions = predict(args.run, args.images, top=args.top, data=args.data, device=args.device)
     print(table(predictions))
     if args.grid:

@@ -16,12 +16,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from repro.arguments import at_least, output_folder  # at_least: also the backends' parsers
 from repro.contract import CHECKPOINTS, DATA_ENV, FINAL, data_root, run_path
 from repro.errors import DataError, ReproError, SpecError
 
@@ -131,18 +133,6 @@ def spec_index(experiments: Path) -> dict[str, Path]:
 
 # --- the options that choose the runs --------------------------------------------------------------
 
-def at_least(minimum: int):
-    """An argparse type: an integer of at least `minimum`."""
-    def count(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    count.__name__ = "integer"  # argparse's message: "invalid integer value: 'x'"
-    return count
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("what to run")
     group.add_argument("--dry-run", action="store_true", help="print what would run where, and write nothing")
@@ -153,7 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seeds", type=at_least(1), metavar="N",
                        help="seeds 0..N-1 of every spec (default: the suite file's count per dataset)")
     group.add_argument("--suite", default="experiments/suite.yaml", help="suite file (default: %(default)s)")
-    group.add_argument("--results", help="results folder (default: results; with --smoke, results/smoke)")
+    group.add_argument("--results", type=output_folder,
+                       help="results folder (default: results; with --smoke, results/smoke)")
     group.add_argument("--tensorboard", action="store_true",
                        help="every run also writes TensorBoard events into its folder (run.tensorboard; needs the "
                             "optional extra: pip install 'repro[tensorboard]')")
@@ -186,7 +177,7 @@ class Run:
 
     def state(self) -> str:
         """finished (final.json is written last), resume (it has checkpoints) or start."""
-        if (self.folder / FINAL).exists():
+        if (self.folder / FINAL).is_file():  # a folder of that name is damage, which `repro train` reports
             return "finished"
         return "resume" if (self.folder / CHECKPOINTS).is_dir() else "start"
 
@@ -336,18 +327,33 @@ def partial_folder(folder: Path) -> Path:
 
 
 def make_missing_data(plan: Plan) -> None:
-    """--smoke: write the generated datasets that are missing, each into a partial folder renamed when
-    complete, so that an interrupted one is made again."""
+    """--smoke: write the generated datasets that are missing, each into a private temporary folder
+    renamed into place when complete. An interrupted one leaves only its own temporary folder; a suite
+    started beside this one writes its own, and the one that finishes second uses the first one's
+    (the same sizes and seed make the same data)."""
     for dataset, arguments in plan.make_data.items():
-        shutil.rmtree(partial_folder(plan.data[dataset]), ignore_errors=True)
+        target = plan.data[dataset]
         log = plan.results / "logs" / f"make-data-{dataset}.out"
         log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"making generated {dataset} data in {plan.data[dataset]} (output: {log})", flush=True)
-        with open(log, "w") as output:
-            code = subprocess.run(REPRO + arguments, stdout=output, stderr=subprocess.STDOUT).returncode
-        if code:
-            raise DataError(f"`{shlex.join(REPRO + arguments)}` failed with exit code {code}; see {log}")
-        partial_folder(plan.data[dataset]).rename(plan.data[dataset])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+        out = arguments.index("--out") + 1
+        command = REPRO + arguments[:out] + [str(private)] + arguments[out + 1:]
+        try:
+            if target.exists():  # made meanwhile by a suite started beside this one
+                continue
+            print(f"making generated {dataset} data in {target} (output: {log})", flush=True)
+            with open(log, "a") as output:
+                code = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT).returncode
+            if code:
+                raise DataError(f"`{shlex.join(command)}` failed with exit code {code}; see {log}")
+            try:
+                private.rename(target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def print_start(plan: Plan, dry_run: bool) -> None:
