@@ -6,6 +6,8 @@
 #   ./run_all.sh --test      the test suite
 #   ./run_all.sh --check [--local|--slurm]   check this machine first (repro check): data, disk, GPUs,
 #                            Slurm, a short training burst, and the suite's projected GPU-hours
+#   ./run_all.sh --acceptance   prove and time the GPU path in at most 10 minutes on one H100
+#                            (repro check --acceptance), into results/bench/acceptance-<device>/
 # `./run_all.sh --help` lists every option. The Python used is $REPRO_PYTHON if set, else ./.venv if
 # present, else the current python3 if it has the dependencies, else a new ./.venv made here.
 set -euo pipefail
@@ -38,7 +40,8 @@ if [ "${1:-}" = "--test" ]; then
     exec "$PY" -m pytest -q "$@"
 fi
 for argument in "$@"; do
-    if [ "$argument" = "--check" ]; then  # anywhere among the options: the others go to repro check
+    # anywhere among the options: the others go to repro check (--acceptance is one of its options)
+    if [ "$argument" = "--check" ] || [ "$argument" = "--acceptance" ]; then
         others=()
         for kept in "$@"; do [ "$kept" = "--check" ] || others+=("$kept"); done
         exec "$PY" -m repro check ${others[@]+"${others[@]}"}
