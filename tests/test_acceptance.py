@@ -29,7 +29,7 @@ def test_the_acceptance_command_on_a_cpu_skips_the_gpu_stages_and_runs_the_rest(
     summary = (folder / f"summary-{slug}.md").read_text()
     assert summary in done.stdout
     lines = {line.split("|")[1].strip(): line for line in summary.splitlines() if line.startswith("| ")}
-    for stage in ("gpu-tests", "cifar-shared"):
+    for stage in ("gpu-tests", "cifar-compile", "cifar-deterministic", "cifar-shared"):
         assert "skipped: no CUDA" in lines[stage]
     for stage in ("check", "cifar", "bf16", "imagenet-data"):
         assert f"| {stage} | passed |" in lines[stage], summary

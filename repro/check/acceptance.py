@@ -10,7 +10,8 @@ one starts):
 2. `repro check` on generated data: both bursts, each stopped and resumed on the device, and the
    suite's projected GPU-hours; its ImageNet burst is ResNet-18 trained from JPEGs;
 3. `repro bench cifar`: ResNet-20/56/110 at batch 128 under each switch, images/s and minutes per
-   64k-iteration run, warm-up (compilation, capture) reported apart;
+   64k-iteration run, warm-up (compilation, capture) reported apart; then torch.compile, then
+   run.deterministic, each in a stage of its own;
 4. `repro bench cifar --processes`: 1, 2 and 4 runs sharing the device, aggregate images/s;
 5. `repro bench bf16`: fp32 and bf16 loss curves of ResNet-110 and ResNet-1202, and a verdict;
 6. `repro bench imagenet-data`: each decoding path with 1, 4 and 8 workers.
@@ -39,9 +40,10 @@ from repro.contract import EXIT_FAILED, EXIT_OK, STOP_SIGNALS
 
 TOTAL_BUDGET_S = 600  # the whole command on one H100
 CIFAR = [f"experiments/cifar10/resnet{depth}.yaml" for depth in (20, 56, 110)]
-# the switches of the issue, plus what run.deterministic costs and what `auto` runs on a GPU
-SWITCHES = ["channels_last", "compile", "cuda_graphs", "cudnn_benchmark", "bf16", "deterministic",
-            "channels_last+cuda_graphs+cudnn_benchmark"]
+# The switches, each against eager fp32, and what `auto` runs on a GPU. Compilation (a minute or more
+# per network) and deterministic mode (whose kernels might refuse an op) are stages of their own, so
+# that neither can cost the others' figures.
+SWITCHES = ["channels_last", "cuda_graphs", "cudnn_benchmark", "bf16", "channels_last+cuda_graphs+cudnn_benchmark"]
 TARGETS = {"cifar_resnet56": 3.0, "cifar_resnet110": 6.0}  # minutes per 64k iterations on one H100 (issue 22)
 
 
@@ -66,18 +68,20 @@ def stages(cuda: bool, work: Path) -> list[Stage]:
     """The stages at full size on a GPU, reduced (and without the GPU-only ones) on a CPU."""
     repro = ["repro"]
     no_cuda = "skipped: no CUDA"
+    bench = repro + ["bench", "cifar", "--specs", *CIFAR, "--warmup", "5", "--steps", "20", "--rounds", "3"]
     if cuda:
         return [
-            Stage("gpu-tests", 90, ["pytest", "-m", "gpu", "-rA", "-q", "-p", "no:cacheprovider", "tests"]),
-            Stage("check", 120, repro + ["check", "--data-cifar", str(work / "none"), "--data-imagenet",
+            Stage("gpu-tests", 80, ["pytest", "-m", "gpu", "-rA", "-q", "-p", "no:cacheprovider", "tests"]),
+            Stage("check", 140, repro + ["check", "--data-cifar", str(work / "none"), "--data-imagenet",
                                          str(work / "none"), "--results", str(work / "check-runs")]),
-            Stage("cifar", 150, repro + ["bench", "cifar", "--specs", *CIFAR, "--switches", *SWITCHES,
-                                         "--warmup", "5", "--steps", "20", "--rounds", "3"]),
-            Stage("cifar-shared", 45, repro + ["bench", "cifar", "--specs", CIFAR[1], "--processes", "1", "2", "4",
+            Stage("cifar", 90, bench + ["--switches", *SWITCHES]),
+            Stage("cifar-compile", 90, bench + ["--switches", "compile"]),
+            Stage("cifar-deterministic", 30, bench + ["--switches", "deterministic"]),
+            Stage("cifar-shared", 40, repro + ["bench", "cifar", "--specs", CIFAR[1], "--processes", "1", "2", "4",
                                                "--warmup", "10", "--steps", "50"]),
             Stage("bf16", 60, repro + ["bench", "bf16", "--steps", "300"]),
             Stage("imagenet-data", 60, repro + ["bench", "imagenet-data", "--workers", "1", "4", "8",
-                                                "--steps", "10", "--rounds", "2"]),
+                                                "--steps", "8", "--rounds", "2"]),
         ]
     small = ["--batch-size", "8"]
     return [
@@ -87,6 +91,8 @@ def stages(cuda: bool, work: Path) -> list[Stage]:
                                      "--data-imagenet", str(work / "none"), "--results", str(work / "check-runs")]),
         Stage("cifar", 120, repro + ["bench", "cifar", "--specs", CIFAR[0], "--switches", "channels_last",
                                      "--warmup", "1", "--steps", "1", "--rounds", "1", *small]),
+        Stage("cifar-compile", 0, None, no_cuda),
+        Stage("cifar-deterministic", 0, None, no_cuda),
         Stage("cifar-shared", 0, None, no_cuda),
         Stage("bf16", 120, repro + ["bench", "bf16", "--specs", CIFAR[0], "--steps", "4", *small]),
         Stage("imagenet-data", 120, repro + ["bench", "imagenet-data", "--data", str(work / "imagenet"),
@@ -178,7 +184,8 @@ def _check_result(folder: Path, text: str, code: int) -> tuple[str, bool]:
     # there is no real dataset on the machine: its data items fail by design, the bursts use generated data
     failed = [f"{i['section']}/{i['name']}" for i in report["items"] if i["status"] == "FAIL" and i["section"] != "data"]
     speeds = report["speeds"]
-    parts = [f"{speed['spec']} {speed['images_per_second']:,.0f} img/s" for speed in speeds.values()]
+    parts = [f"{speed['spec']} {speed['images_per_second']:,.0f} img/s"
+             + (" (fed from JPEGs)" if dataset == "imagenet" else "") for dataset, speed in speeds.items()]
     cifar_hours = sum(row["device_hours"] for row in report["projection"] if row["spec"].startswith("cifar"))
     if report["projection"]:
         parts.append(f"projected: CIFAR suite {cifar_hours:.1f} device-hours, whole suite "
@@ -218,7 +225,7 @@ def _imagenet_result(folder: Path, text: str, code: int) -> tuple[str, bool]:
 
 
 RESULTS = {"gpu-tests": _pytest_result, "check": _check_result, "cifar": _cifar_result,
-           "cifar-shared": _cifar_result, "bf16": _bf16_result, "imagenet-data": _imagenet_result}
+           "cifar-compile": _cifar_result, "cifar-deterministic": _cifar_result, "cifar-shared": _cifar_result, "bf16": _bf16_result, "imagenet-data": _imagenet_result}
 
 
 def _summary(outcomes: list[Outcome], device: str, seconds: float) -> str:
@@ -232,11 +239,13 @@ def _summary(outcomes: list[Outcome], device: str, seconds: float) -> str:
     for o in outcomes:
         lines.append(f"| {o.stage.name} | {o.status} | {o.seconds:.0f} | {o.stage.budget_s:.0f} | "
                      f"{o.result.replace('|', '/')} |")
-    cifar = next((o for o in outcomes if o.stage.name == "cifar" and o.status == "passed"), None)
-    if cifar:
+    tables = [p for o in outcomes if o.stage.name.startswith("cifar") and o.stage.name != "cifar-shared"
+              and o.status == "passed" for p in o.files if p.suffix == ".csv"]
+    if tables:
         import pandas as pd
 
-        frame = pd.read_csv(next(p for p in cifar.files if p.suffix == ".csv"))
+        # each stage times its own eager fp32 baseline: the first one stands
+        frame = pd.concat([pd.read_csv(path) for path in tables]).drop_duplicates(["spec", "switches"])
         frame["cell"] = [f"{r.images_per_second:,.0f} img/s, {r.seconds_per_64k_iterations / 60:.1f} min "
                          f"(warm-up {r.warmup_seconds:.1f} s)" for r in frame.itertuples()]
         table = frame.pivot(index="switches", columns="spec", values="cell").reindex(frame.switches.unique())
@@ -251,7 +260,7 @@ def _publish(outcomes: list[Outcome], summary: str, out: Path, slug: str) -> Pat
     last run's at once (two renames in one folder)."""
     final = out / f"acceptance-{slug}"
     staged, old = (out / f".acceptance-{slug}.{kind}-{os.getpid()}" for kind in ("new", "old"))
-    staged.mkdir()
+    staged.mkdir(parents=True)
     for o in outcomes:
         for path in o.files:  # a stage writes at most one file of each kind
             shutil.copy2(path, staged / f"{o.stage.name}-{slug}{path.suffix}")
