@@ -227,10 +227,13 @@ def plot_precision_curves(curves: pd.DataFrame, out: Path) -> Path:
     specs = list(dict.fromkeys(curves.spec))
     figure, axes = plt.subplots(1, len(specs), figsize=(5 * len(specs), 3.6), squeeze=False)
     for axis, spec in zip(axes[0], specs):
-        for precision, style in (("fp32", "-"), ("bf16", "--")):
+        for precision, color in (("fp32", "tab:blue"), ("bf16", "tab:orange")):
             frame = curves[(curves.spec == spec) & (curves.precision == precision)]
-            axis.plot(frame.iteration, frame.train_loss, style, label=precision, linewidth=1)
-        axis.set(title=spec, xlabel="iteration", ylabel="training loss (one batch)")
+            window = max(1, len(frame) // 20)  # each batch's loss is noisy: its running mean is drawn over it
+            axis.plot(frame.iteration, frame.train_loss, color=color, alpha=0.3, linewidth=0.7)
+            axis.plot(frame.iteration, frame.train_loss.rolling(window, min_periods=1).mean(), color=color,
+                      label=f"{precision} (mean of {window})", linewidth=1.5)
+        axis.set(title=spec, xlabel="iteration", ylabel="training loss")
         axis.legend()
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -445,7 +445,7 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
                 torch.cuda.set_device(device)
             capabilities = probe(device)
             switches = resolve_switches(spec.run, capabilities, spec.data.dataset, processes.distributed)
-            backends = set_backends(switches)  # before the run's first kernel
+            backends = set_backends(switches)  # before the network and the data touch the device
             with _exclusive(folder, processes, device):
                 trainer = Trainer(spec, folder, data_root, processes, device, switches)  # bad data stops here
                 resumed = _resume(trainer, folder, processes)

@@ -102,8 +102,8 @@ def resolve_switches(run: RunSpec, capabilities: Capabilities, dataset: str, dis
 
 
 # TF32 (fp32 range, 10-bit mantissa) inside cuDNN's convolutions on Ampere and newer: PyTorch's own
-# default for cuDNN and how NVIDIA's ResNet references train, set here so that no import or user
-# setting changes it unseen. Matmuls (only the final FC layer) stay in full fp32, also PyTorch's default.
+# default for cuDNN, set here so that no import or earlier setting changes it unseen. Matmuls (only the
+# final FC layer) stay in full fp32, also PyTorch's default.
 CONV_TF32 = True
 MATMUL_PRECISION = "highest"
 # cuBLAS's deterministic workspace setting (CUDA's documentation: ":4096:8" or ":16:8")
@@ -111,8 +111,8 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 
 def set_backends(switches: Switches) -> dict:
-    """Set torch's process-wide numerics flags for a run, before its first kernel, and return them for
-    env.json. Deterministic mode is what makes a GPU run repeat bit for bit (a rerun, a resume): only
+    """Set torch's process-wide numerics flags for a run, before it builds its network (its first cuDNN or
+    cuBLAS call), and return them for env.json. Deterministic mode is what makes a GPU run repeat bit for bit (a rerun, a resume): only
     deterministic kernels (an op that has none raises), cuDNN without autotuning, cuBLAS with fixed
     workspaces. Without it, cuDNN's autotuner and atomics may change the last bits between starts."""
     if switches.deterministic:
