@@ -249,8 +249,8 @@ def _summary(outcomes: list[Outcome], device: str, seconds: float) -> str:
         frame["cell"] = [f"{r.images_per_second:,.0f} img/s, {r.seconds_per_64k_iterations / 60:.1f} min "
                          f"(warm-up {r.warmup_seconds:.1f} s)" for r in frame.itertuples()]
         table = frame.pivot(index="switches", columns="spec", values="cell").reindex(frame.switches.unique())
-        lines += ["", "Training speed at batch 128 (minutes: projected per 64k-iteration run); targets on one "
-                  "H100: " + ", ".join(f"{spec} <= {minutes:g} min" for spec, minutes in TARGETS.items()), "",
+        lines += ["", f"Training speed at batch {frame.batch_size.iloc[0]} (minutes: projected per 64k-iteration "
+                  "run); targets on one H100: " + ", ".join(f"{spec} <= {minutes:g} min" for spec, minutes in TARGETS.items()), "",
                   table.to_markdown()]
     return "\n".join(lines) + "\n"
 
