@@ -7,6 +7,8 @@
 #   ./run_all.sh --check [--local|--slurm]   check this machine first (repro check): data, disk, GPUs,
 #                            Slurm, a short training burst, and the suite's projected GPU-hours
 #   ./run_all.sh --status [--smoke] [--watch S] [--json] [--slurm]   where each run stands (repro status)
+#   ./run_all.sh --acceptance   prove and time the GPU path in at most 10 minutes on one H100
+#                            (repro check --acceptance), into results/bench/acceptance-<device>/
 # `./run_all.sh --help` lists every option. The Python used is $REPRO_PYTHON if set, else ./.venv if
 # present, else the current python3 if it has the dependencies, else a new ./.venv made here.
 set -euo pipefail
@@ -39,8 +41,9 @@ if [ "${1:-}" = "--test" ]; then
     exec "$PY" -m pytest -q "$@"
 fi
 for argument in "$@"; do
-    # --check or --status, anywhere among the options: the others go to repro check or repro status
-    if [ "$argument" = "--check" ] || [ "$argument" = "--status" ]; then
+    # --check, --acceptance or --status, anywhere among the options: the others go to repro check (--acceptance
+    # is one of its options) or repro status
+    if [ "$argument" = "--check" ] || [ "$argument" = "--acceptance" ] || [ "$argument" = "--status" ]; then
         others=()
         for kept in "$@"; do [ "$kept" = "$argument" ] || others+=("$kept"); done
         exec "$PY" -m repro "${argument#--}" ${others[@]+"${others[@]}"}

@@ -83,14 +83,32 @@ def cmd_make_data(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    if args.target == "cifar":
+    if args.target == "cifar" and args.processes:
+        from repro.bench_cifar import DEFAULT_SPECS, bench_shared, write_bench
+
+        if len(args.specs or DEFAULT_SPECS) != 1:
+            raise ReproError("--processes times one spec: name it with --specs")
+        frame = bench_shared((args.specs or DEFAULT_SPECS)[0], args.processes, device=args.device,
+                             batch_size=args.batch_size, warmup_steps=args.warmup, steps=args.steps)
+        print(frame[["spec", "processes", "images_per_second", "speedup_vs_one_process"]].to_string(index=False))
+        print(write_bench(frame, args.out, "cifar_shared"))
+    elif args.target == "cifar":
         from repro.bench_cifar import DEFAULT_SPECS, bench_cifar, write_bench
 
         frame = bench_cifar(args.specs or DEFAULT_SPECS, device=args.device, batch_size=args.batch_size,
                             warmup_steps=args.warmup, steps=args.steps, rounds=args.rounds, only=args.switches)
-        print(frame[["spec", "switches", "images_per_second", "speedup_vs_eager_fp32", "auto_choice"]]
-              .to_string(index=False))
+        print(frame[["spec", "switches", "images_per_second", "speedup_vs_eager_fp32", "warmup_seconds",
+                     "auto_choice"]].to_string(index=False))
         print(write_bench(frame, args.out))
+    elif args.target == "bf16":
+        from repro.bench_cifar import BF16_SPECS, bf16_verdict, plot_precision_curves, precision_curves, write_bench
+
+        curves = precision_curves(args.specs or BF16_SPECS, device=args.device, batch_size=args.batch_size,
+                                  iterations=args.steps)
+        path = write_bench(curves, args.out, "bf16_curves")
+        print(path)
+        print(plot_precision_curves(curves, path.with_suffix(".png")))
+        print(bf16_verdict(curves))
     else:
         from repro.bench_imagenet import run_imagenet_data_bench
 
@@ -162,9 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_data)
 
     p = commands.add_parser("bench", help="measure training or data-loading speed into results/bench/")
-    p.add_argument("target", choices=("cifar", "imagenet-data"))
+    p.add_argument("target", choices=("cifar", "bf16", "imagenet-data"),
+                   help="cifar: training speed per switch; bf16: fp32 and bf16 loss curves side by side; "
+                        "imagenet-data: data-loading speed per path")
     p.add_argument("--specs", nargs="+", metavar="SPEC",
-                   help="cifar: the specs to time (default: ResNet-20, -56 and -110)")
+                   help="cifar: the specs to time (default: ResNet-20, -56 and -110); bf16: the specs to "
+                        "train (default: ResNet-110 and -1202)")
+    p.add_argument("--processes", type=at_least(1, 64), nargs="+", metavar="N",
+                   help="cifar: instead of the switches, N runs of one spec at once sharing the device "
+                        "(auto's switches), aggregate images/s, for each N")
     p.add_argument("--switches", nargs="+", metavar="NAME",
                    help="cifar: only these candidates besides eager_fp32 (default: all that apply here)")
     p.add_argument("--batch-size", type=at_least(1, MAX_IMAGES), default=128,
@@ -175,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=at_least(0, MAX_WORKERS), nargs="+", default=[1, 2],
                    help="imagenet-data: worker counts")
     p.add_argument("--steps", type=at_least(1), default=20,
-                   help="iterations per timed round (cifar) or timed batches (imagenet-data)")
+                   help="iterations per timed round (cifar), iterations trained (bf16) or timed batches "
+                        "(imagenet-data)")
     p.add_argument("--warmup", type=at_least(0), default=5, help="cifar: untimed iterations first (compilation)")
     p.add_argument("--rounds", type=at_least(1), default=5,
                    help="interleaved rounds of the candidates (cifar) or paths (imagenet-data); the median counts")

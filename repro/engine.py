@@ -29,7 +29,7 @@ from repro.data import build_pipeline
 from repro.distributed import (Processes, close_processes, group_batchnorm, init_processes, launched_processes,
                                sync_batchnorm)
 from repro.errors import ReproError
-from repro.hardware import Switches, probe, resolve_switches
+from repro.hardware import Switches, probe, resolve_switches, set_backends
 from repro.precise_bn import precise_statistics, statistics_in_use
 from repro.run_folder import RunFolder, RunLocked, refuse_other_recipe
 from repro.run_network import build_network
@@ -545,6 +545,7 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
                 return EXIT_OK
             capabilities = probe(device)
             switches = resolve_switches(spec.run, capabilities, spec.data.dataset, processes.distributed)
+            backends = set_backends(switches)  # before the network and the data touch the device
             with _exclusive(folder, processes, device):
                 trainer = Trainer(spec, folder, data_root, processes, device, switches)  # bad data stops here
                 resumed = _resume(trainer, folder, processes)
@@ -553,7 +554,8 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
                     folder.record_start({"device": str(device), "device_name": capabilities.name,
                                          "cpu_capability": capabilities.cpu_capability,
                                          "native_bf16": capabilities.native_bf16,
-                                         "world_size": processes.world_size, "switches": switches.as_dict()})
+                                         "world_size": processes.world_size, "switches": switches.as_dict(),
+                                         "backends": backends})
                 trainer.log(f"{'resuming' if resumed else 'starting'} {spec.name} seed {spec.seed} at iteration "
                             f"{trainer.state.iteration} on {device} x{processes.world_size} ({capabilities.name}): "
                             f"{switches.describe()}")

@@ -7,6 +7,7 @@ one CPU can be 15x slower on another, so they are decided from the device, never
 """
 from __future__ import annotations
 
+import os
 import platform
 import warnings
 from dataclasses import asdict, dataclass
@@ -56,13 +57,16 @@ class Switches:
     compile: bool
     cuda_graphs: bool
     data_on_device: bool
+    cudnn_benchmark: bool = False  # cuDNN times its algorithms for each new shape and keeps the fastest
+    deterministic: bool = False  # run.deterministic: deterministic kernels only (set_backends)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         return (f"{self.precision}, {'channels_last' if self.channels_last else 'contiguous'}"
-                + "".join(f", {name}" for name in ("compile", "cuda_graphs") if getattr(self, name)))
+                + "".join(f", {name}" for name in ("compile", "cuda_graphs", "cudnn_benchmark", "deterministic")
+                          if getattr(self, name)))
 
 
 def channels_last_pays(capabilities: Capabilities) -> bool:
@@ -95,4 +99,38 @@ def resolve_switches(run: RunSpec, capabilities: Capabilities, dataset: str, dis
         compile=(cuda and not cuda_graphs) if run.compile == "auto" else (run.compile and cuda),
         cuda_graphs=cuda_graphs,
         data_on_device=data_on_device,
+        # a run's shapes never change, so cuDNN's timing pays once; its choice may differ between
+        # starts, which deterministic mode rules out
+        cudnn_benchmark=cuda and not run.deterministic,
+        deterministic=run.deterministic,
     )
+
+
+# TF32 (fp32 range, 10-bit mantissa) inside cuDNN's convolutions on Ampere and newer: PyTorch's own
+# default for cuDNN, set here so that no import or earlier setting changes it unseen. Matmuls (only the
+# final FC layer) stay in full fp32, also PyTorch's default.
+CONV_TF32 = True
+MATMUL_PRECISION = "highest"
+# cuBLAS's deterministic workspace setting (CUDA's documentation: ":4096:8" or ":16:8")
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def set_backends(switches: Switches) -> dict:
+    """Set torch's process-wide numerics flags for a run, before it builds its network (its first cuDNN or
+    cuBLAS call), and return them for env.json. Deterministic mode is what makes a GPU run repeat bit for bit (a rerun, a resume): only
+    deterministic kernels (an op that has none raises), cuDNN without autotuning, cuBLAS with fixed
+    workspaces. Without it, cuDNN's autotuner and atomics may change the last bits between starts."""
+    if switches.deterministic:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    torch.use_deterministic_algorithms(switches.deterministic)
+    torch.backends.cudnn.deterministic = switches.deterministic
+    torch.backends.cudnn.benchmark = switches.cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = CONV_TF32
+    torch.set_float32_matmul_precision(MATMUL_PRECISION)
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}

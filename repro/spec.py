@@ -173,6 +173,8 @@ class RunSpec(_Section):
     compile: Union[Auto, bool] = "auto"  # torch.compile the network; auto: on CUDA only
     cuda_graphs: Union[Auto, bool] = "auto"  # CIFAR: the whole training step as one CUDA graph; auto: on CUDA
     data_on_device: bool = True  # CIFAR: the whole uint8 dataset on the device, augmented there
+    # bitwise-equal reruns and resumes on a GPU too (repro/hardware.py set_backends); slower (README)
+    deterministic: bool = False
     progress: Literal["auto", "bar", "log"] = "auto"  # a bar on a terminal, log lines otherwise
     tensorboard: bool = False  # also write metrics.csv's numbers and each iteration's loss as TensorBoard events
 

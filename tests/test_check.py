@@ -317,6 +317,7 @@ def test_imagenet_gets_a_two_process_burst_through_the_launcher_and_an_all_reduc
 
 
 @pytest.mark.slow
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across GPUs needs two or more GPUs")
 def test_on_several_gpus_the_two_process_burst_and_the_all_reduce_run_over_nccl(tmp_path):
     items = imagenet_check_items(tmp_path)

@@ -18,7 +18,11 @@ from repro.data.imagenet import (CROP, EpochSampler, ImageNetSamples, Unreadable
                                  make_loader, ten_crop_plan, train_plan)
 
 SMALL = {"classes": 3, "n_train": 7, "n_val": 5, "short_side": (40, 80)}  # with L and CMYK JPEGs
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA device")
+
+
+def needs_cuda(test):  # marked gpu: `pytest -m gpu` runs every GPU test (repro check --acceptance)
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA device")
+    return pytest.mark.gpu(skip(test))
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,7 @@ def test_a_gpu_that_emulates_bf16_has_no_native_bf16(monkeypatch):
     assert probe(torch.device("cuda", 0)).native_bf16 is False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="probing a GPU needs a CUDA GPU")
 def test_the_probe_reads_native_bf16_from_the_gpus_architecture():
     assert probe(torch.device("cuda", 0)).native_bf16 == (torch.cuda.get_device_capability(0) >= (8, 0))

@@ -1,4 +1,5 @@
 """Architecture facts pinned to the paper (Sec. 3.3, 4.1, 4.2; Tables 1 and 6)."""
+import copy
 import re
 
 import pytest
@@ -185,3 +186,43 @@ def test_a_new_block_type_is_a_lookup_entry_and_a_spec_naming_it(monkeypatch):
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(SpecError, match="6n\\+2"):  # the entry's depth rule holds
         validate({"name": "s", "model": {"block": "relu_first", "depth": 15}}, "s.yaml")
+
+
+def _out_of_place(block, x):
+    """The block's arithmetic with `out + shortcut`, the reference of the in-place addition."""
+    out = torch.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, Bottleneck):
+        out = torch.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:
+        out = block.bn2(block.conv2(out))
+    return torch.relu(out + block.shortcut(x))
+
+
+@pytest.mark.parametrize("block, in_channels, stride, shortcut", [
+    (BasicBlock, 16, 1, "A"), (BasicBlock, 16, 2, "A"), (Bottleneck, 64, 2, "B"), (Bottleneck, 256, 1, "C")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_residual_addition_is_in_place_with_the_same_bits_and_gradients(block, in_channels, stride, shortcut,
+                                                                             channels_last):
+    """Issue 22: the shortcut is added into the last BN's output (no new tensor), and autograd accepts it."""
+    torch.manual_seed(0)
+    ours = block(in_channels, 32 if block is BasicBlock else 16, stride, shortcut)
+    reference = copy.deepcopy(ours)
+    x = torch.randn(4, in_channels, 8, 8)
+    if channels_last:
+        ours, reference = (m.to(memory_format=torch.channels_last) for m in (ours, reference))
+        x = x.to(memory_format=torch.channels_last)
+    last_bn = ours.bn3 if block is Bottleneck else ours.bn2
+    seen = []
+    last_bn.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    x_ours, x_reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = ours(x_ours)
+    expected = _out_of_place(reference, x_reference)
+    assert torch.equal(torch.relu(seen[0]), out)  # BN's output holds the sum: the addition wrote into it
+    assert torch.equal(out, expected)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.equal(x_ours.grad, x_reference.grad)
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name

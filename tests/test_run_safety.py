@@ -281,6 +281,7 @@ def test_the_cuda_rng_state_saved_and_restored_is_the_current_devices_alone(monk
     assert len(restored) == 1 and torch.equal(restored[0], states[0]) and restored[0].device.type == "cpu"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a resume onto a GPU needs a CUDA GPU")
 def test_a_run_stopped_on_the_gpu_resumes_there(data, tmp_path, monkeypatch):
     signal_on_step(monkeypatch, 10)

@@ -160,6 +160,7 @@ def test_a_rank_takes_the_gpu_of_its_local_rank_before_joining_the_process_group
     assert calls == [("set_device", torch.device("cuda", 3)), ("init_process_group", "nccl", torch.device("cuda", 3))]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across processes needs two CUDA GPUs")
 def test_two_processes_train_on_their_own_gpus_over_nccl(cifar, tmp_path):
     done = launch(2, CIFAR, cifar, tmp_path, ["run.device=cuda", "run.progress=log", "data.verify_checksums=false",

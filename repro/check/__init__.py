@@ -57,11 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_argument("--account", default=os.environ.get(variable("account")), metavar="A",
                        help=f"account to charge [${variable('account')}]")
     parser.add_argument("--no-burst", action="store_true", help="skip the training bursts and the projection")
+    parser.add_argument("--acceptance", action="store_true",
+                        help="instead: prove and time the GPU path in at most 10 minutes (GPU tests, this check on "
+                             "generated data, the CIFAR and data-loading benchmarks, bf16 against fp32), into "
+                             "<out>/acceptance-<device>/ (repro/check/acceptance.py)")
     parser.add_argument("--out", type=output_folder, default="results/bench",
                         help="where check-<host>.json goes (default: %(default)s)")
 
 
 def run_check(options: argparse.Namespace) -> int:
+    if options.acceptance:
+        from repro.check.acceptance import run_acceptance
+
+        return run_acceptance(Path(options.out), Path(options.results))
     from repro.check import burst, data, machine
     from repro.check.items import FAIL, OK, format_table, note
     from repro.check.suite import network_size, planned_specs
