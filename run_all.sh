@@ -41,12 +41,15 @@ if [ "${1:-}" = "--test" ]; then
     exec "$PY" -m pytest -q "$@"
 fi
 for argument in "$@"; do
-    # --check, --acceptance or --status, anywhere among the options: the others go to repro check (--acceptance
-    # is one of its options) or repro status
-    if [ "$argument" = "--check" ] || [ "$argument" = "--acceptance" ] || [ "$argument" = "--status" ]; then
-        others=()
-        for kept in "$@"; do [ "$kept" = "$argument" ] || others+=("$kept"); done
-        exec "$PY" -m repro "${argument#--}" ${others[@]+"${others[@]}"}
-    fi
+    # --check, --acceptance (one of repro check's options) or --status, anywhere among the options: the
+    # others go to repro check or repro status
+    case "$argument" in
+        --check|--acceptance) command=check; dropped=--check ;;
+        --status) command=status; dropped=--status ;;
+        *) continue ;;
+    esac
+    others=()
+    for kept in "$@"; do [ "$kept" = "$dropped" ] || others+=("$kept"); done
+    exec "$PY" -m repro "$command" ${others[@]+"${others[@]}"}
 done
 exec "$PY" -m repro run-all "$@"

@@ -18,11 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
-from torch import nn
 
 from repro.arguments import shown
-from repro.contract import CHECKPOINTS, CONFIG, DAMAGED, IMAGENET_METRIC_COLUMNS, LATEST, PREVIOUS, atomic_write
+from repro.contract import CHECKPOINTS, DAMAGED, IMAGENET_METRIC_COLUMNS, LATEST, PREVIOUS, atomic_write
 from repro.errors import ReproError
 
 REQUIRED_KEYS = ("model", "optimizer", "schedule", "iteration", "epoch", "batch", "rows", "rng", "config")
@@ -174,31 +172,3 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"].cpu())
-
-
-def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The network of a run folder with the weights of its newest readable checkpoint, in eval mode,
-    and the run's resolved config. Its BN statistics are those of the run's eval.bn_stats, precise ones
-    where the checkpoint holds them. Reads only: damaged files stay where they are."""
-    from repro.precise_bn import apply_chosen_statistics
-    from repro.spec import validate
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG
-    if not config_path.is_file():
-        raise ReproError(f"{run_dir} is not a run folder: it has no {CONFIG}")
-    try:
-        config = yaml.safe_load(config_path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ReproError(f"{config_path}: not valid YAML ({shown(' '.join(str(error).split()))[1:-1]})") from None
-    if not isinstance(config, dict):
-        raise ReproError(f"{config_path}: a run's config is a mapping of keys, got {type(config).__name__}")
-    spec = validate(config, str(config_path))
-    model = spec.model.build()
-    # a checkpoint of another network (a crafted or misplaced file) is damage, like an unreadable one
-    state = load_checkpoint(run_dir / CHECKPOINTS, map_location=device,
-                            use=lambda state: model.load_state_dict(state["model"]))
-    if state is None:
-        raise ReproError(f"{run_dir} has no checkpoint in {run_dir / CHECKPOINTS}")
-    apply_chosen_statistics(model, state, spec.eval.bn_stats)
-    return model.to(device).eval(), config

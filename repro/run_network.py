@@ -21,11 +21,13 @@ import yaml
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from repro.arguments import shown
 from repro.checkpoint import load_checkpoint, load_problem
 from repro.contract import CHECKPOINTS, CONFIG, FINAL
 from repro.data.imagenet import CACHE_DIR_NAME, CROP, MEAN_FILE, mean_image, user_cache_dir
 from repro.errors import ReproError
 from repro.models.imagenet import TABLE1
+from repro.precise_bn import apply_chosen_statistics
 from repro.spec import ModelSpec, Spec, validate
 
 # torchvision's ImageNet weights expect (pixels on the [0, 1] scale - mean) / std, per RGB channel
@@ -112,16 +114,40 @@ def load_weights(network: nn.Module, state: dict[str, torch.Tensor], where: str,
 # --- run folders ------------------------------------------------------------------------------------
 
 
-def run_spec(run_dir: Path) -> Spec:
-    """The validated spec a run folder was started with."""
+def read_run_config(run_dir: str | Path) -> dict:
+    """The resolved spec a run folder was started with, as the mapping its config.yaml holds."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise ReproError(f"{run_dir} is not a run folder: it has no {CONFIG}")
     try:
         config = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ReproError(f"{path}: not valid YAML ({error})") from None
-    return validate(config, str(path))
+        raise ReproError(f"{path}: not valid YAML ({shown(' '.join(str(error).split()))[1:-1]})") from None
+    if not isinstance(config, dict):
+        raise ReproError(f"{path}: a run's config is a mapping of keys, got {type(config).__name__}")
+    return config
+
+
+def run_spec(run_dir: str | Path) -> Spec:
+    """The validated spec a run folder was started with."""
+    return validate(read_run_config(run_dir), str(Path(run_dir) / CONFIG))
+
+
+def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The network of a run folder with the weights of its newest readable checkpoint, in eval mode,
+    and the run's resolved config. Its BN statistics are those of the run's eval.bn_stats, precise ones
+    where the checkpoint holds them. Reads only: damaged files stay where they are."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    spec = validate(config, str(run_dir / CONFIG))
+    model = spec.model.build()
+    # a checkpoint of another network (a crafted or misplaced file) is damage, like an unreadable one
+    state = load_checkpoint(run_dir / CHECKPOINTS, map_location=device,
+                            use=lambda state: model.load_state_dict(state["model"]))
+    if state is None:
+        raise ReproError(f"{run_dir} has no checkpoint in {run_dir / CHECKPOINTS}")
+    apply_chosen_statistics(model, state, spec.eval.bn_stats)
+    return model.to(device).eval(), config
 
 
 def describe(model: ModelSpec) -> str:

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from repro import engine
-from repro.checkpoint import load_checkpoint, load_run_model, read_checkpoint
+from repro.checkpoint import load_checkpoint, read_checkpoint
+from repro.run_network import load_run_model
 from repro.cli import main
 from repro.distributed import Processes
 from repro.contract import CHECKPOINTS, DAMAGED, EXIT_OK, EXIT_PREEMPTED, FINAL, LATEST, METRIC_COLUMNS, PREVIOUS

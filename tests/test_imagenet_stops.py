@@ -111,8 +111,8 @@ def has_rows(folder: Path, count: int) -> bool:
 
 
 def assert_stopped_mid_epoch_and_resumed(log: str, signals: list[int]) -> None:
-    stops = [(int(s), int(i)) for s, i in re.findall(r"stopped by signal (\d+) at iteration (\d+)", log)]
-    assert [s for s, _ in stops] == signals, log
+    stops = [(s, int(i)) for s, i in re.findall(r"stopped by signal (SIG[A-Z0-9]+) at iteration (\d+)", log)]
+    assert [s for s, _ in stops] == [signal.Signals(number).name for number in signals], log
     assert all(iteration % EPOCH_ITERATIONS for _, iteration in stops), log
     resumed = [int(i) for i in re.findall(r"resuming imagenet_resnet18 seed 0 at iteration (\d+)", log)]
     assert resumed == [i for _, i in stops], log
@@ -226,18 +226,6 @@ def test_local_imagenet_run_of_two_ranks_stops_on_sigterm_and_resumes_exactly(ex
 
 # --- Slurm -----------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    from slurm_cluster import cluster_unavailable_reason, local_slurm_cluster
-
-    reason = cluster_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with local_slurm_cluster(tmp_path / "cluster") as running:
-        for key in [k for k in os.environ if k.startswith(("SLURM_", "SBATCH_", "SQUEUE_"))]:
-            monkeypatch.delenv(key)
-        monkeypatch.setenv("SLURM_CONF", running.env["SLURM_CONF"])
-        yield running
 
 
 def scontrol(*arguments: str) -> str:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import repro.engine
-from repro.checkpoint import load_checkpoint, load_run_model
+from repro.checkpoint import load_checkpoint
+from repro.run_network import load_run_model
 from repro.cli import main
 from repro.contract import PRECISE_BN
 from repro.data.generated import write_cifar10

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from repro import contract, engine
-from repro.checkpoint import load_run_model
+from repro.run_network import load_run_model
 from repro.cli import main as cli_main
 from repro.contract import CHECKPOINTS, DAMAGED, EXIT_LOCKED, EXIT_OK, EXIT_PREEMPTED, LATEST, PREVIOUS
 from repro.data.generated import write_cifar10

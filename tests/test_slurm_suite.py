@@ -22,7 +22,6 @@ import yaml
 from repro.suite import slurm
 from repro.suite.plan import REPRO, make_plan
 from repro.suite.run_all import add_arguments as add_run_all_arguments, run_all
-from slurm_cluster import cluster_unavailable_reason, local_slurm_cluster
 
 pytestmark = pytest.mark.slurm
 
@@ -43,17 +42,6 @@ SUITE = {
 TIME_COLUMNS = {"epoch_seconds", "images_per_second"}  # the only columns a resume may change
 
 
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    reason = cluster_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with local_slurm_cluster(tmp_path / "cluster") as running:
-        # run-all's sbatch and squeue, and the jobs' scontrol (they inherit it), talk to this cluster
-        for key in [k for k in os.environ if k.startswith(("SLURM_", "SBATCH_", "SQUEUE_"))]:
-            monkeypatch.delenv(key)
-        monkeypatch.setenv("SLURM_CONF", running.env["SLURM_CONF"])
-        yield running
 
 
 def wait_until(condition, what: str, timeout: float = TIMEOUT_S) -> None:
@@ -124,7 +112,7 @@ def test_smoke_suite_on_slurm_survives_a_requeue_and_matches_local_runs(cluster,
         assert len(starts) == (2 if run == requeued else 1)
     log = text(requeued.folder / "log.txt")
     resumed = re.search(r"resuming cifar_resnet20 seed 0 at iteration (\d+)", log)
-    assert "stopped by signal 15" in log and resumed and int(resumed.group(1)) % 20, \
+    assert "stopped by signal SIGTERM" in log and resumed and int(resumed.group(1)) % 20, \
         f"seed 0 was not stopped and resumed mid-epoch:\n{log}"
 
     logs = results / "slurm" / "logs"

@@ -37,13 +37,13 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from repro.distributed import close_processes, init_processes
+    from repro.distributed import close_processes, init_processes, launched_processes
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    processes = init_processes(device_type)
-    device = torch.device("cuda", processes.local_rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
+    processes = launched_processes()
+    device = torch.device("cuda", processes.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group, as the trainer does (init_processes)
+    processes = init_processes(processes, device)
     values = torch.full((ELEMENTS,), float(processes.rank + 1), device=device)
     dist.all_reduce(values)
     expected = processes.world_size * (processes.world_size + 1) / 2

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from repro.checkpoint import load_run_model
+from repro.run_network import load_run_model
 from repro.contract import CONFIG, atomic_write
 from repro.errors import ReproError
 from repro.models import response_layers
