@@ -614,6 +614,13 @@ def test_a_training_batch_of_broken_files_only_is_a_clear_error(root_copy):
         next(iter(_loader(dataset, batch_size=4)[1]))
 
 
+def test_computing_the_mean_image_leaves_the_global_rng_alone(root_copy):
+    """A run that computes the mean must start from the same initial weights as one that reads it."""
+    state = torch.get_rng_state()
+    mean_image(root_copy / "train", sample_size=4, seed=0, cache_dir=root_copy / "cache")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_the_mean_image_leaves_broken_files_out(root_copy):
     broken = _plant_broken_files(root_copy, "train")
     unreadable = inet.UnreadableImages()

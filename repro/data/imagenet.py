@@ -623,8 +623,10 @@ def _compute_mean_image(train_dir: Path, sample_size: int, seed: int, workers: i
                         unreadable: UnreadableImages) -> tuple[torch.Tensor, int]:
     dataset = ImageNetSamples(ImageFolder(str(train_dir)), train_plan, None, seed, keep_batch_size=False)
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:sample_size]
+    # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, and a
+    # run that computes the mean would start from other initial weights than one that reads the cache
     loader = DataLoader(dataset, batch_size=64, sampler=[(0, i) for i in chosen.tolist()], num_workers=workers,
-                        collate_fn=dataset.collate)
+                        collate_fn=dataset.collate, generator=torch.Generator().manual_seed(seed))
     total, used = torch.zeros(3, CROP, CROP, dtype=torch.float64), 0
     for images, _ in ImageNetLoader(dataset, loader, unreadable):
         total += images.sum(0, dtype=torch.float64)
