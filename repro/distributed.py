@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -108,13 +109,20 @@ def sync_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
     """BN statistics over all processes: nn.SyncBatchNorm on GPUs, CrossProcessBatchNorm2d elsewhere."""
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _replace_batchnorm(model, lambda bn: CrossProcessBatchNorm2d(bn.num_features, bn.eps, bn.momentum))
+
+
+def _replace_batchnorm(model: nn.Module, make: Callable[[nn.BatchNorm2d], nn.BatchNorm2d]) -> nn.Module:
+    """Every BatchNorm2d of `model` replaced, in place, by make(it) holding its buffers and the same
+    parameters: what a fine-tuning strategy trains (requires_grad) stays as it chose."""
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm2d:
-            replacement = CrossProcessBatchNorm2d(child.num_features, child.eps, child.momentum)
+            replacement = make(child)
             replacement.load_state_dict(child.state_dict())
-            setattr(model, name, replacement)
+            replacement.weight, replacement.bias = child.weight, child.bias
+            setattr(model, name, replacement.to(child.weight.device))
         else:
-            sync_batchnorm(child, device_type)
+            _replace_batchnorm(child, make)
     return model
 
 
@@ -160,13 +168,5 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
 
 def group_batchnorm(model: nn.Module, group: int, processes: Processes) -> nn.Module:
     """Every BatchNorm2d of `model` as a GroupBatchNorm2d of `group` images (`model.bn_group`), in place."""
-    for name, child in model.named_children():
-        if type(child) is nn.BatchNorm2d:
-            replacement = GroupBatchNorm2d(child.num_features, group, processes, child.eps, child.momentum)
-            replacement.load_state_dict(child.state_dict())
-            # the same parameters: what a fine-tuning strategy trains (requires_grad) stays as it chose
-            replacement.weight, replacement.bias = child.weight, child.bias
-            setattr(model, name, replacement.to(child.weight.device))
-        else:
-            group_batchnorm(child, group, processes)
-    return model
+    return _replace_batchnorm(model, lambda bn: GroupBatchNorm2d(bn.num_features, group, processes, bn.eps,
+                                                                 bn.momentum))
