@@ -563,7 +563,11 @@ def train(spec: Spec, results: Path, data_root: str | None = None, restart: bool
                 progress = progress_display(spec.run.progress, trainer.pipeline.batches_per_epoch,
                                             processes.is_main)
                 with trainer.scalars.open(trainer.state.iteration, trainer.state.rows):
-                    return trainer.run(stop, progress)
+                    code = trainer.run(stop, progress)
+                # every process done with its collectives before any tears the process group down: a gloo
+                # rank that closed its connections while a peer finished the last one aborted it at exit
+                processes.barrier()
+                return code
         except OSError as error:  # a full or read-only disk: atomic writes left the last good files
             where = f" {error.filename}" if error.filename else ""
             raise ReproError(f"I/O error on{where}: {error.strerror or error}. The run folder keeps its last "
